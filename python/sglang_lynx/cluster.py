@@ -1,0 +1,272 @@
+"""A prefill/decode cluster on this machine: two SGLang workers and sglang-router in PD mode.
+
+Used by ``make demo``, the end-to-end tests and the benchmarks, and from the shell:
+
+    python -m sglang_lynx.cluster up [--lynx-mode lynx ...]   # stays up, prints the URLs
+    python -m sglang_lynx.cluster down
+
+Each process runs in its own session so that stopping it takes its whole process tree
+(SGLang's schedulers and detokenizer) with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from sglang_lynx.config import LynxConfig
+
+HOST = "127.0.0.1"
+DEFAULT_STATE_DIR = Path(".lynx-cluster")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class ClusterSpec:
+    model_path: str
+    lynx: LynxConfig = dataclasses.field(default_factory=LynxConfig)
+    router_port: int = dataclasses.field(default_factory=free_port)
+    prefill_port: int = dataclasses.field(default_factory=free_port)
+    decode_port: int = dataclasses.field(default_factory=free_port)
+    bootstrap_port: int = dataclasses.field(default_factory=free_port)
+    server_args: list[str] = dataclasses.field(default_factory=list)  # passed to both workers
+    # Prefill, decode, router and a client share the cores.
+    threads_per_worker: int = max(1, (os.cpu_count() or 2) // 2)
+    log_dir: Path = DEFAULT_STATE_DIR
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{HOST}:{self.router_port}"
+
+    @property
+    def prefill_url(self) -> str:
+        return f"http://{HOST}:{self.prefill_port}"
+
+    @property
+    def decode_url(self) -> str:
+        return f"http://{HOST}:{self.decode_port}"
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+class _ProcessGroup:
+    """Named child processes, each in its own session; :meth:`stop` always leaves nothing running."""
+
+    def __init__(self, log_dir: Path, threads_per_process: int):
+        self.log_dir = log_dir
+        self.threads = threads_per_process
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, grace: float = 15) -> None:
+        for proc in self.procs.values():
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            # SGLang's children may outlive their parent: the whole group goes.
+            _signal_group(proc.pid, signal.SIGKILL)
+        self.procs.clear()
+
+    def spawn(self, name: str, cmd: list[str]) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["SGLANG_HOST_IP"] = HOST  # Mooncake and the bootstrap server stay on loopback
+        env["OMP_NUM_THREADS"] = str(self.threads)
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.log_path(name), "w") as log:
+            self.procs[name] = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+            )
+
+    def wait_healthy(self, name: str, url: str, deadline: float) -> None:
+        proc = self.procs[name]
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ClusterError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
+            if _http_ok(f"{url}/health"):
+                return
+            time.sleep(1)
+        raise ClusterError(f"{name} did not become healthy in time:\n{self.log_tail(name)}")
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def _server_cmd(model_path: str, port: int, lynx: LynxConfig, extra: list[str]) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "sglang_lynx.launch_server",
+        "--model-path", model_path, "--host", HOST, "--port", str(port),
+        "--lynx-mode", lynx.mode,
+        "--lynx-anchor-bits", str(lynx.anchor_bits),
+        "--lynx-group-size", str(lynx.group_size),
+        "--lynx-max-speculative-tokens", str(lynx.max_speculative_tokens),
+    ]
+    if lynx.bandwidth_mbps is not None:
+        cmd += ["--lynx-bandwidth-mbps", str(lynx.bandwidth_mbps)]
+    return cmd + extra
+
+
+class PDCluster(_ProcessGroup):
+    """Prefill and decode workers (KV over Mooncake) behind sglang-router in PD mode."""
+
+    def __init__(self, spec: ClusterSpec):
+        super().__init__(spec.log_dir, spec.threads_per_worker)
+        self.spec = spec
+
+    def start(self, timeout: float = 600) -> None:
+        spec = self.spec
+        for role, port in (("prefill", spec.prefill_port), ("decode", spec.decode_port)):
+            extra = ["--disaggregation-mode", role, "--disaggregation-transfer-backend", "mooncake"]
+            if role == "prefill":
+                extra += ["--disaggregation-bootstrap-port", str(spec.bootstrap_port)]
+            self.spawn(role, _server_cmd(spec.model_path, port, spec.lynx, extra + spec.server_args))
+        deadline = time.monotonic() + timeout
+        self.wait_healthy("prefill", spec.prefill_url, deadline)
+        self.wait_healthy("decode", spec.decode_url, deadline)
+        self.spawn("router", [
+            sys.executable, "-m", "sglang_router.launch_router",
+            "--pd-disaggregation",
+            "--prefill", spec.prefill_url, str(spec.bootstrap_port),
+            "--decode", spec.decode_url,
+            "--host", HOST, "--port", str(spec.router_port),
+            # The defaults (a 5 s timeout) mark a worker busy with a long prefill as dead.
+            "--health-check-interval-secs", "10",
+            "--health-check-timeout-secs", "60",
+        ])
+        self.wait_healthy("router", spec.router_url, deadline)
+
+
+class SingleServer(_ProcessGroup):
+    """One ordinary (not disaggregated) SGLang server: the reference PD output must equal."""
+
+    def __init__(self, model_path: str, log_dir: Path = DEFAULT_STATE_DIR, server_args: list[str] = ()):
+        super().__init__(log_dir, threads_per_process=os.cpu_count() or 1)
+        self.model_path = model_path
+        self.port = free_port()
+        self.server_args = list(server_args)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, timeout: float = 600) -> None:
+        self.spawn("single", _server_cmd(self.model_path, self.port, LynxConfig(), self.server_args))
+        self.wait_healthy("single", self.url, time.monotonic() + timeout)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# --- `up` / `down` from the shell -----------------------------------------------------------
+
+
+def _cmd_up(args: argparse.Namespace, server_args: list[str]) -> None:
+    from sglang_lynx.models import smollm2
+
+    state = args.state_dir / "cluster.json"
+    if state.exists():
+        sys.exit(f"a cluster is already up (state in {state}); run `down` first")
+    spec = ClusterSpec(
+        model_path=str(args.model_path or smollm2()),
+        lynx=LynxConfig.from_cli_args(args),
+        server_args=server_args,
+        log_dir=args.state_dir,
+    )
+    if args.port:
+        spec.router_port = args.port
+    cluster = PDCluster(spec)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    state.write_text(json.dumps({name: p.pid for name, p in cluster.procs.items()}))
+    print(f"router  {spec.router_url}   (OpenAI API: {spec.router_url}/v1)")
+    print(f"prefill {spec.prefill_url}   bootstrap port {spec.bootstrap_port}")
+    print(f"decode  {spec.decode_url}")
+    print(f"logs    {spec.log_dir}/")
+
+
+def _cmd_down(args: argparse.Namespace) -> None:
+    state = args.state_dir / "cluster.json"
+    if not state.exists():
+        print("no cluster is up")
+        return
+    for pid in json.loads(state.read_text()).values():
+        _signal_group(pid, signal.SIGTERM)
+    time.sleep(3)
+    for pid in json.loads(state.read_text()).values():
+        _signal_group(pid, signal.SIGKILL)
+    state.unlink()
+    print("cluster stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sglang_lynx.cluster", description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    parser.add_argument("--port", type=int, default=None, help="router port (default: a free one)")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="logs and process ids")
+    LynxConfig.add_cli_args(parser)
+    args, server_args = parser.parse_known_args(argv)
+    if args.action == "up":
+        _cmd_up(args, server_args)
+    else:
+        _cmd_down(args)
+
+
+if __name__ == "__main__":
+    main()

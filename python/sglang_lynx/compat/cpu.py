@@ -1,0 +1,140 @@
+"""What SGLang 0.5.23 needs to serve on a CPU without AMX (and without a GPU).
+
+Everything here is inactive when CUDA is available. Nothing edits an installed file:
+
+* import placeholders for two CUDA-only packages SGLang imports at module level
+  (``sgl_kernel``, and ``torchvision``, whose PyPI build is CUDA-only); they raise only when
+  something is actually used, which a Llama-family text model never does on CPU;
+* environment defaults (SGLang's CPU engine switch, no early cached-prefix send, whose
+  path records a ``torch.cuda.Event``);
+* two narrow patches of CUDA-only calls on the PD path (host-memory registration for the
+  decode host pool, pinned transfer indices with a CUDA event on prefill);
+* server-argument defaults for a CPU (fp32, the torch-native attention backend, sleep when
+  idle so two cores are not burnt busy-polling, a KV pool sized for a small machine).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+
+PLACEHOLDER_PACKAGES = ("sgl_kernel", "torchvision")
+
+ENV_DEFAULTS = {
+    "SGLANG_USE_CPU_ENGINE": "1",
+    "SGLANG_DISAGG_PREFILL_EARLY_SEND_CACHED_PREFIX": "0",
+    # Mooncake over loopback TCP; RDMA needs real NICs.
+    "MOONCAKE_PROTOCOL": "tcp",
+    "MC_FORCE_TCP": "1",
+}
+
+# Flag -> value appended when the user did not give the flag (None: a boolean flag).
+SERVER_ARG_DEFAULTS = {
+    "--device": "cpu",
+    "--attention-backend": "torch_native",
+    "--dtype": "float32",  # bf16 matmuls are ~5x slower than fp32 on AVX2
+    "--sleep-on-idle": None,
+    "--max-total-tokens": "32768",
+    "--disable-overlap-schedule": None,
+}
+
+def active() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def activate() -> None:
+    """Prepare this process; call before SGLang is imported. Idempotent."""
+    if not active():
+        return
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    _install_placeholders()
+
+
+def default_server_args(argv: list[str]) -> list[str]:
+    """``argv`` plus the CPU defaults for every flag the user did not set."""
+    if not active():
+        return list(argv)
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    out = list(argv)
+    for flag, value in SERVER_ARG_DEFAULTS.items():
+        if flag not in given:
+            out += [flag] if value is None else [flag, value]
+    return out
+
+
+def patch_sglang() -> None:
+    """Neutralise CUDA-only calls on SGLang's PD path. Runs from the plugin, in every process."""
+    if not active():
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    # The decode worker's host KV pool registers its memory with CUDA; a CPU has nothing to pin.
+    HookRegistry.register(
+        "sglang.srt.mem_cache.pool_host.common._cuda_host_register",
+        lambda *args, **kwargs: None,
+        HookType.REPLACE,
+    )
+    # With this flag prefill copies transfer indices into pinned memory and records a CUDA
+    # event; without it the indices are computed on the spot, which is right on a CPU.
+    from sglang.srt.disaggregation.mooncake import conn
+
+    conn.MooncakeKVSender.supports_host_tensor_indices = False
+
+
+class _Placeholder(types.ModuleType):
+    """A module whose every attribute is another placeholder that raises when called."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Placeholder(f"{self.__name__}.{name}")
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{self.__name__} is CUDA-only and is not available on this CPU machine "
+            f"(sglang_lynx.compat.cpu placeholder)"
+        )
+
+    def __mro_entries__(self, bases):
+        # `class X(torchvision.Something)` at import time must not fail.
+        return (object,)
+
+
+class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, packages: tuple[str, ...]):
+        self.packages = packages
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".", 1)[0] in self.packages:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _Placeholder(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def _install_placeholders() -> None:
+    if any(isinstance(f, _PlaceholderFinder) for f in sys.meta_path):
+        return
+    missing = tuple(p for p in PLACEHOLDER_PACKAGES if importlib.util.find_spec(p) is None)
+    if not missing:
+        return
+    if "torchvision" in missing:
+        # transformers probes for torchvision with find_spec and caches the answer: let it
+        # see the truth (absent) before the placeholder starts answering that probe.
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available()
+    sys.meta_path.append(_PlaceholderFinder(missing))

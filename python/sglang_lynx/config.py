@@ -1,0 +1,126 @@
+"""Lynx configuration: one typed object, validated once.
+
+The launcher parses the ``--lynx-*`` flags into a :class:`LynxConfig` and hands it to every
+SGLang process through one environment variable (schedulers are started with ``spawn``, so
+nothing set in the parent's memory reaches them). Each process reads it back with
+:meth:`LynxConfig.from_env`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from typing import Optional
+
+ENV_VAR = "SGLANG_LYNX_CONFIG"
+
+MODES = ("off", "raw", "int8", "int4", "lynx")
+ANCHOR_BITS = range(2, 7)  # 2..6; the Residual gets the other 8 - A bits
+
+
+class LynxConfigError(ValueError):
+    """A Lynx option has a value that cannot work; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LynxConfig:
+    mode: str = "off"
+    anchor_bits: int = 4
+    group_size: int = 64
+    max_speculative_tokens: int = 64
+    bandwidth_mbps: Optional[float] = None  # None: the link is not paced
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise LynxConfigError(f"--lynx-mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.anchor_bits not in ANCHOR_BITS:
+            raise LynxConfigError(
+                f"--lynx-anchor-bits must be between {ANCHOR_BITS.start} and {ANCHOR_BITS.stop - 1} "
+                f"(the Residual carries the other 8 - A bits of each INT8 code); got {self.anchor_bits}"
+            )
+        if self.group_size < 2 or self.group_size & (self.group_size - 1):
+            raise LynxConfigError(
+                f"--lynx-group-size must be a power of two >= 2 (elements sharing one scale); "
+                f"got {self.group_size}"
+            )
+        if not 0 <= self.max_speculative_tokens <= 1024:
+            raise LynxConfigError(
+                f"--lynx-max-speculative-tokens must be between 0 and 1024; got {self.max_speculative_tokens}"
+            )
+        if self.bandwidth_mbps is not None and not (
+            math.isfinite(self.bandwidth_mbps) and self.bandwidth_mbps > 0
+        ):
+            raise LynxConfigError(
+                f"--lynx-bandwidth-mbps must be a positive number of megabits per second; "
+                f"got {self.bandwidth_mbps}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    @property
+    def residual_bits(self) -> int:
+        return 8 - self.anchor_bits
+
+    # --- command line -------------------------------------------------------------------------
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("Lynx (progressive KV transfer)")
+        group.add_argument("--lynx-mode", default="off", choices=MODES,
+                           help="How prefill ships KV to decode: off (SGLang's own transfer), raw (pool "
+                                "bytes through the Lynx sender), int8, int4 (Anchor only), lynx (Anchor then "
+                                "Residual). Prefill and decode must agree.")
+        group.add_argument("--lynx-anchor-bits", type=int, default=4,
+                           help="Most significant bits of each INT8 code sent in the Anchor stream (2..6).")
+        group.add_argument("--lynx-group-size", type=int, default=64,
+                           help="Elements that share one quantization scale and zero point.")
+        group.add_argument("--lynx-max-speculative-tokens", type=int, default=64,
+                           help="Tokens decoded on the Anchor before the Residual must have landed.")
+        group.add_argument("--lynx-bandwidth-mbps", type=_positive_float, default=None,
+                           help="Pace the KV sender to this many megabits per second (experiments); "
+                                "default: unpaced.")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "LynxConfig":
+        return cls(
+            mode=args.lynx_mode,
+            anchor_bits=args.lynx_anchor_bits,
+            group_size=args.lynx_group_size,
+            max_speculative_tokens=args.lynx_max_speculative_tokens,
+            bandwidth_mbps=args.lynx_bandwidth_mbps,
+        )
+
+    # --- transport to child processes ---------------------------------------------------------
+
+    def to_env(self, env: Optional[dict] = None) -> None:
+        (os.environ if env is None else env)[ENV_VAR] = json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "LynxConfig":
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            return cls()
+        try:
+            fields = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise LynxConfigError(f"{ENV_VAR} is not valid JSON: {e}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(fields) - known
+        if unknown:
+            raise LynxConfigError(f"{ENV_VAR} has unknown fields: {', '.join(sorted(unknown))}")
+        return cls(**fields)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value

@@ -1,0 +1,72 @@
+"""The Lynx options: defaults, validation with clear errors, transport to child processes."""
+
+import argparse
+
+import pytest
+
+from sglang_lynx.config import ENV_VAR, LynxConfig, LynxConfigError
+
+
+def parse(*argv: str) -> LynxConfig:
+    parser = argparse.ArgumentParser()
+    LynxConfig.add_cli_args(parser)
+    return LynxConfig.from_cli_args(parser.parse_args(list(argv)))
+
+
+def test_defaults_are_off_4_bit_anchor_64_speculative_tokens_unpaced():
+    config = parse()
+    assert config == LynxConfig(mode="off", anchor_bits=4, group_size=64,
+                                max_speculative_tokens=64, bandwidth_mbps=None)
+    assert not config.enabled and config.residual_bits == 4
+
+
+def test_every_option_parses():
+    config = parse("--lynx-mode", "lynx", "--lynx-anchor-bits", "5", "--lynx-group-size", "32",
+                   "--lynx-max-speculative-tokens", "16", "--lynx-bandwidth-mbps", "200")
+    assert config == LynxConfig("lynx", 5, 32, 16, 200.0)
+    assert config.enabled and config.residual_bits == 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="fast"), "--lynx-mode must be one of off, raw, int8, int4, lynx"),
+    (dict(anchor_bits=8), "--lynx-anchor-bits must be between 2 and 6"),
+    (dict(anchor_bits=1), "--lynx-anchor-bits must be between 2 and 6"),
+    (dict(group_size=48), "--lynx-group-size must be a power of two"),
+    (dict(max_speculative_tokens=-1), "--lynx-max-speculative-tokens must be between 0 and 1024"),
+    (dict(bandwidth_mbps=0.0), "--lynx-bandwidth-mbps must be a positive number"),
+    (dict(bandwidth_mbps=float("inf")), "--lynx-bandwidth-mbps must be a positive number"),
+])
+def test_invalid_values_are_rejected_naming_the_flag(kwargs, message):
+    with pytest.raises(LynxConfigError, match=message):
+        LynxConfig(**kwargs)
+
+
+def test_cli_rejects_unknown_mode_and_non_numeric_bandwidth(capsys):
+    for argv in (["--lynx-mode", "fast"], ["--lynx-bandwidth-mbps", "lots"], ["--lynx-bandwidth-mbps", "-5"]):
+        with pytest.raises(SystemExit):
+            parse(*argv)
+    assert "--lynx-bandwidth-mbps" in capsys.readouterr().err
+
+
+def test_round_trips_through_the_environment(monkeypatch):
+    config = LynxConfig("int4", 3, 128, 8, 1000.0)
+    env = {}
+    config.to_env(env)
+    monkeypatch.setenv(ENV_VAR, env[ENV_VAR])
+    assert LynxConfig.from_env() == config
+
+
+def test_no_environment_means_defaults(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert LynxConfig.from_env() == LynxConfig()
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("{not json", "not valid JSON"),
+    ('{"mode": "lynx", "colour": "red"}', "unknown fields: colour"),
+    ('{"mode": "turbo"}', "--lynx-mode must be one of"),
+])
+def test_a_malformed_environment_is_an_error(monkeypatch, raw, message):
+    monkeypatch.setenv(ENV_VAR, raw)
+    with pytest.raises(LynxConfigError, match=message):
+        LynxConfig.from_env()
