@@ -175,6 +175,27 @@ class PDCluster(_ProcessGroup):
             "--health-check-timeout-secs", "60",
         ])
         self.wait_healthy("router", spec.router_url, deadline)
+        self._wait_routable(deadline)
+
+    def _wait_routable(self, deadline: float) -> None:
+        # The router answers /health before its own checks have admitted the workers; a
+        # one-token completion through it is the real readiness signal.
+        body = json.dumps({"model": "default", "prompt": "Hi", "max_tokens": 1}).encode()
+        while time.monotonic() < deadline:
+            request = urllib.request.Request(f"{self.spec.router_url}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=120) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            for name in ("prefill", "decode", "router"):
+                if self.procs[name].poll() is not None:
+                    raise ClusterError(f"{name} exited with code {self.procs[name].returncode}:\n"
+                                       f"{self.log_tail(name)}")
+            time.sleep(1)
+        raise ClusterError(f"the router did not route a request in time:\n{self.log_tail('router')}")
 
 
 class SingleServer(_ProcessGroup):
