@@ -1,0 +1,197 @@
+"""Fused Triton kernels of the Lynx codec, bit-identical to ``reference`` (shapes and format are described there).
+
+One program handles one head of one segment (a block's G tokens of one layer's K or V): a G x D tile
+that stays in registers from load to store, so each kernel reads and writes every byte once.
+On a CPU they run under ``TRITON_INTERPRET=1`` (tests); otherwise they need CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+from . import reference
+from .reference import empty_planes
+
+# Globals used inside kernels must be constexpr.
+CODE_BITS = tl.constexpr(reference.CODE_BITS)
+STRIPES = tl.constexpr(reference.STRIPES)
+
+
+@triton.jit
+def _fp16_floor(x):
+    """The largest float16 <= x (float32); as reference.fp16_floor."""
+    h = x.to(tl.float16)
+    return tl.where(h.to(tl.float32) > x, _fp16_step(h, -1), h)
+
+
+@triton.jit
+def _fp16_ceil(x):
+    """The smallest float16 >= x (float32); as reference.fp16_ceil."""
+    h = x.to(tl.float16)
+    return tl.where(h.to(tl.float32) < x, _fp16_step(h, 1), h)
+
+
+@triton.jit
+def _fp16_step(h, direction: tl.constexpr):
+    # One float16 up is +1 on the bits of a positive number, -1 on those of a negative one (rounding
+    # keeps the sign, so h = +-0 never has to cross zero).
+    bits = h.to(tl.int16, bitcast=True)
+    step = tl.where(bits < 0, -direction, direction).to(tl.int16)
+    return (bits + step).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _round_half_even(y):
+    # For 0 <= y < 2**22, adding 2**23 leaves no fraction bits, so the hardware's round-to-nearest-even
+    # does the rounding (libdevice.rint is not available in the interpreter).
+    return (y + 8388608.0) - 8388608.0
+
+
+@triton.jit
+def _to_bfloat16(x):
+    # fp32 -> bf16 rounding to nearest even, by hand: the interpreter's .to(tl.bfloat16) truncates.
+    bits = x.to(tl.uint32, bitcast=True)
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _scale_zero(lo, hi, bits: tl.constexpr):
+    """As reference.scale_zero: float16 zero rounded down, scale rounded up."""
+    zero = _fp16_floor(lo + 0.0)  # + 0.0 folds -0.0 into +0.0
+    levels = tl.full(lo.shape, 2**bits - 1, tl.float32)
+    scale = _fp16_ceil(tl.math.div_rn((hi + 0.0) - zero.to(tl.float32), levels))
+    return scale, zero
+
+
+@triton.jit
+def _program(H, G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (block, slice, head) and its G x BLOCK_D tile as 8 stripes of G / 8 tokens.
+
+    Column k of a stripe is token k // BLOCK_D of the stripe, channel k % BLOCK_D.
+    """
+    blk = tl.program_id(0)
+    program = tl.program_id(1).to(tl.int64)  # slice * H + head
+    k = tl.arange(0, G // STRIPES * BLOCK_D)
+    d = k % BLOCK_D
+    t = blk * G + tl.arange(0, STRIPES)[:, None] * (G // STRIPES) + (k // BLOCK_D)[None, :]  # [8, cols]
+    return blk, program // H, program % H, t, d, k // BLOCK_D
+
+
+@triton.jit
+def _quantize_split_kernel(kv_ptr, anchor_ptr, residual_ptr, meta_ptr, T, S, H, D,
+                           G: tl.constexpr, BLOCK_D: tl.constexpr, A: tl.constexpr):
+    R: tl.constexpr = CODE_BITS - A
+    TOKENS: tl.constexpr = G // STRIPES  # tokens per stripe
+    blk, slc, head, t, d, row = _program(H, G, BLOCK_D)
+    in_d = d < D
+    t = tl.minimum(t, T - 1)  # the last block repeats the last token, as the reference pads
+    x = tl.load(kv_ptr + ((slc * T + t) * H + head) * D + d[None, :], mask=in_d[None, :], other=0.0)
+    x = tl.reshape(x.to(tl.float32), [STRIPES, TOKENS, BLOCK_D])
+
+    # Each channel's range over the block's G tokens. GPU min/max may skip NaN: poison the range
+    # of a channel holding NaN or Inf, so that the metadata shows it.
+    lo = tl.min(tl.min(x, axis=1), axis=0)
+    hi = tl.max(tl.max(x, axis=1), axis=0)
+    poison = tl.sum(tl.sum(x * 0.0, axis=1), axis=0)
+    scale, zero = _scale_zero(tl.where(poison == 0.0, lo, poison), hi, CODE_BITS)
+    channel = tl.arange(0, BLOCK_D)
+    meta = meta_ptr + (((blk * S + slc) * H + head) * D + channel) * 2
+    tl.store(meta, scale, mask=channel < D)
+    tl.store(meta + 1, zero, mask=channel < D)
+
+    scale = scale.to(tl.float32)
+    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
+    codes = _round_half_even((x - zero.to(tl.float32)[None, None, :]) * inv[None, None, :])
+    codes = tl.reshape(codes, [STRIPES, TOKENS * BLOCK_D]).to(tl.int64)
+
+    # Word k = sum_i code(stripe i, column k) << bits * i; plane j gets byte j of every word.
+    n = TOKENS * H * D
+    byte = (row * H + head) * D + d  # in the segment's (token, head, channel) order
+    stripe = tl.arange(0, STRIPES).to(tl.int64)[:, None]
+    anchor_word = tl.sum((codes >> R) << (stripe * A), axis=0)
+    residual_word = tl.sum((codes & (2**R - 1)) << (stripe * R), axis=0)
+    anchor_seg = anchor_ptr + (blk * S + slc) * (A * n)
+    residual_seg = residual_ptr + (blk * S + slc) * (R * n)
+    for j in tl.static_range(A):
+        tl.store(anchor_seg + j * n + byte, ((anchor_word >> (8 * j)) & 255).to(tl.uint8), mask=in_d)
+    for j in tl.static_range(R):
+        tl.store(residual_seg + j * n + byte, ((residual_word >> (8 * j)) & 255).to(tl.uint8), mask=in_d)
+
+
+@triton.jit
+def _unpack(seg_ptr, byte, mask, n, BITS: tl.constexpr):
+    """Codes [8, cols] of one packed segment."""
+    word = tl.zeros(byte.shape, tl.int64)
+    for j in tl.static_range(BITS):
+        word |= tl.load(seg_ptr + j * n + byte, mask=mask, other=0).to(tl.int64) << (8 * j)
+    stripe = tl.arange(0, STRIPES).to(tl.int64)[:, None]
+    return (word[None, :] >> (stripe * BITS)) & (2**BITS - 1)
+
+
+@triton.jit
+def _dequant_kernel(anchor_ptr, residual_ptr, meta_ptr, table_ptr, out_ptr, T, S, H, D,
+                    G: tl.constexpr, BLOCK_D: tl.constexpr, A: tl.constexpr, MERGE: tl.constexpr):
+    R: tl.constexpr = CODE_BITS - A
+    blk, slc, head, t, d, row = _program(H, G, BLOCK_D)
+    in_d = d < D
+    n = G // STRIPES * H * D
+    byte = (row * H + head) * D + d
+    a = _unpack(anchor_ptr + (blk * S + slc) * (A * n), byte, in_d, n, A)
+    if MERGE:
+        res = _unpack(residual_ptr + (blk * S + slc) * (R * n), byte, in_d, n, R)
+        codes = ((a << R) | res).to(tl.float32)
+    else:
+        codes = (a << R).to(tl.float32) + tl.load(table_ptr + slc * 2**A + a).to(tl.float32)
+
+    meta = meta_ptr + (((blk * S + slc) * H + head) * D + d) * 2
+    scale = tl.load(meta, mask=in_d, other=0.0).to(tl.float32)
+    zero = tl.load(meta + 1, mask=in_d, other=0.0).to(tl.float32)
+    x = codes * scale[None, :] + zero[None, :]  # the product is exact, so an FMA changes nothing
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        x = _to_bfloat16(x)
+    out = out_ptr + ((slc * T + t) * H + head) * D + d[None, :]
+    tl.store(out, x.to(out_ptr.dtype.element_ty), mask=(t < T) & in_d[None, :])
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if not (t.is_cuda or knobs.runtime.interpret):
+        raise ValueError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run on a CPU)")
+
+
+def _launch_shape(num_blocks: int, S: int, H: int, D: int):
+    return (num_blocks, S * H), triton.next_power_of_2(D)
+
+
+def quantize_split(kv: torch.Tensor, anchor_bits: int, group_size: int, out=None):
+    _check_device(kv)
+    kv = kv.contiguous()
+    _, L, T, H, D = kv.shape
+    anchor, residual, meta = out if out is not None else empty_planes(kv, anchor_bits, group_size)
+    grid, block_d = _launch_shape(triton.cdiv(T, group_size), 2 * L, H, D)
+    _quantize_split_kernel[grid](kv, anchor, residual, meta, T, 2 * L, H, D,
+                                 G=group_size, BLOCK_D=block_d, A=anchor_bits)
+    return anchor, residual, meta
+
+
+def _dequant(anchor, residual, scale_zero, table, num_tokens, dtype, out, merge):
+    _check_device(anchor)
+    nb, _, L, A, n = anchor.shape
+    H, D = scale_zero.shape[-3:-1]
+    if out is None:
+        out = torch.empty((2, L, num_tokens, H, D), dtype=dtype, device=anchor.device)
+    grid, block_d = _launch_shape(nb, 2 * L, H, D)
+    _dequant_kernel[grid](anchor, residual, scale_zero, table, out, num_tokens, 2 * L, H, D,
+                          G=n * reference.STRIPES // (H * D), BLOCK_D=block_d, A=A, MERGE=merge)
+    return out
+
+
+def dequant_anchor(anchor, scale_zero, table, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
+    return _dequant(anchor, anchor, scale_zero, table, num_tokens, dtype, out, merge=False)
+
+
+def merge_dequant(anchor, residual, scale_zero, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
+    return _dequant(anchor, residual, scale_zero, scale_zero, num_tokens, dtype, out, merge=True)
