@@ -1,8 +1,32 @@
 import pytest
 
+from sglang_lynx.client import complete
+from sglang_lynx.cluster import SingleServer
 from sglang_lynx.models import smollm2
+
+MAX_TOKENS = 24
+PROMPTS = {
+    "capital": "The capital of France is",
+    "story": "Once upon a time, in a small village by the sea,",
+    "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "long": "The history of the city of Rome spans two and a half thousand years. " * 30 + "\nIn short,",
+    "chat-planets": [{"role": "user", "content": "Name the planets of the solar system."}],
+    "chat-followup": [
+        {"role": "user", "content": "What is 12 times 7?"},
+        {"role": "assistant", "content": "12 times 7 is 84."},
+        {"role": "user", "content": "And divided by 4?"},
+    ],
+}
 
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
     return str(smollm2())
+
+
+@pytest.fixture(scope="session")
+def reference(model_path, tmp_path_factory):
+    """Greedy answers of one ordinary SGLang server (stopped before any PD pair starts: memory)."""
+    with SingleServer(model_path, log_dir=tmp_path_factory.mktemp("single")) as server:
+        return {name: complete(server.url, prompt, max_tokens=MAX_TOKENS).text
+                for name, prompt in PROMPTS.items()}

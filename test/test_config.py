@@ -32,6 +32,7 @@ def test_every_option_parses():
     (dict(anchor_bits=8), "--lynx-anchor-bits must be between 2 and 6"),
     (dict(anchor_bits=1), "--lynx-anchor-bits must be between 2 and 6"),
     (dict(group_size=48), "--lynx-group-size must be a power of two"),
+    (dict(group_size=4), "--lynx-group-size must be a power of two >= 8"),
     (dict(max_speculative_tokens=-1), "--lynx-max-speculative-tokens must be between 0 and 1024"),
     (dict(bandwidth_mbps=0.0), "--lynx-bandwidth-mbps must be a positive number"),
     (dict(bandwidth_mbps=float("inf")), "--lynx-bandwidth-mbps must be a positive number"),

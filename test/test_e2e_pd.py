@@ -10,30 +10,12 @@ import pytest
 import requests
 
 from sglang_lynx.client import complete
-from sglang_lynx.cluster import ClusterSpec, PDCluster, SingleServer
+from sglang_lynx.cluster import ClusterSpec, PDCluster
+
+from conftest import MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.e2e
 
-MAX_TOKENS = 24
-PROMPTS = {
-    "capital": "The capital of France is",
-    "story": "Once upon a time, in a small village by the sea,",
-    "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "chat-planets": [{"role": "user", "content": "Name the planets of the solar system."}],
-    "chat-followup": [
-        {"role": "user", "content": "What is 12 times 7?"},
-        {"role": "assistant", "content": "12 times 7 is 84."},
-        {"role": "user", "content": "And divided by 4?"},
-    ],
-}
-
-
-@pytest.fixture(scope="module")
-def reference(model_path, tmp_path_factory):
-    """Greedy answers of one ordinary SGLang server (stopped before the PD pair starts: memory)."""
-    with SingleServer(model_path, log_dir=tmp_path_factory.mktemp("single")) as server:
-        return {name: complete(server.url, prompt, max_tokens=MAX_TOKENS).text
-                for name, prompt in PROMPTS.items()}
 
 
 @pytest.fixture(scope="module")

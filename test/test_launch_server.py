@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from sglang_lynx.config import LynxConfig
-from sglang_lynx.launch_server import parse_args
+from sglang_lynx.launch_server import lynx_server_args, parse_args
 
 
 def test_lynx_flags_are_taken_and_the_rest_is_left_for_sglang():
@@ -14,6 +14,13 @@ def test_lynx_flags_are_taken_and_the_rest_is_left_for_sglang():
                                "--lynx-group-size=32", "--disaggregation-mode", "prefill"])
     assert config == LynxConfig(mode="int8", group_size=32)
     assert rest == ["--model-path", "m", "--port", "1", "--disaggregation-mode", "prefill"]
+
+
+def test_quantized_modes_make_a_page_hold_whole_codec_blocks_unless_told_otherwise():
+    assert lynx_server_args(LynxConfig(mode="lynx", group_size=32), ["--port", "1"]) == \
+        ["--port", "1", "--page-size", "32"]
+    assert lynx_server_args(LynxConfig(mode="int8"), ["--page-size=128"]) == ["--page-size=128"]
+    assert lynx_server_args(LynxConfig(mode="raw"), []) == []  # raw sends the pool's own pages
 
 
 def run_launcher(*argv: str) -> subprocess.CompletedProcess:
@@ -31,6 +38,10 @@ def test_bad_lynx_flag_exits_with_a_clear_error_before_starting_anything():
     (["--lynx-mode", "lynx"], "add --disaggregation-mode prefill or --disaggregation-mode decode"),
     (["--lynx-mode", "lynx", "--disaggregation-mode", "decode", "--disaggregation-decode-enable-radix-cache"],
      "cannot be combined with --disaggregation-decode-enable-radix-cache"),
+    (["--lynx-mode", "int4", "--disaggregation-mode", "prefill", "--page-size", "48"],
+     "needs --page-size to be a multiple of --lynx-group-size (64)"),
+    (["--lynx-mode", "raw", "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "nixl"],
+     "runs on the Mooncake transfer engine"),
 ])
 def test_lynx_modes_refuse_sglang_settings_they_cannot_work_with(model_path, argv, message):
     result = run_launcher("--model-path", model_path, *argv)

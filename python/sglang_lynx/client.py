@@ -9,13 +9,14 @@ from typing import Optional, Union
 
 import requests
 
-Prompt = Union[str, list]  # a completion prompt, or chat messages
+Prompt = Union[str, list]  # a completion prompt (text or token ids), or chat messages
 
 
 @dataclasses.dataclass
 class Completion:
     text: str
     ttft_s: float  # request sent -> first generated text received
+    last_token_s: float  # request sent -> last generated text received
     total_s: float
     finish_reason: Optional[str]
     chunks: int  # streamed chunks that carried text (1 when not streaming)
@@ -23,8 +24,8 @@ class Completion:
 
 def complete(base_url: str, prompt: Prompt, *, max_tokens: int = 32, stream: bool = False,
              temperature: float = 0.0, timeout: float = 600, **extra) -> Completion:
-    """POST /v1/chat/completions (``prompt`` is a message list) or /v1/completions (a string)."""
-    chat = isinstance(prompt, list)
+    """POST /v1/chat/completions (``prompt`` is a message list) or /v1/completions (text or ids)."""
+    chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
     body = {"model": "default", "max_tokens": max_tokens, "temperature": temperature,
             "stream": stream, **extra}
     body["messages" if chat else "prompt"] = prompt
@@ -37,8 +38,8 @@ def complete(base_url: str, prompt: Prompt, *, max_tokens: int = 32, stream: boo
             choice = r.json()["choices"][0]
             now = time.perf_counter() - start
             text = choice["message"]["content"] if chat else choice["text"]
-            return Completion(text, now, now, choice.get("finish_reason"), 1)
-        parts, ttft, finish, chunks = [], None, None, 0
+            return Completion(text, now, now, now, choice.get("finish_reason"), 1)
+        parts, ttft, last, finish, chunks = [], None, None, None, 0
         for line in r.iter_lines():
             if not line.startswith(b"data:"):
                 continue
@@ -51,9 +52,11 @@ def complete(base_url: str, prompt: Prompt, *, max_tokens: int = 32, stream: boo
             choice = event["choices"][0]
             piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
             if piece:
-                ttft = ttft if ttft is not None else time.perf_counter() - start
+                last = time.perf_counter() - start
+                ttft = ttft if ttft is not None else last
                 parts.append(piece)
                 chunks += 1
             finish = choice.get("finish_reason") or finish
         total = time.perf_counter() - start
-        return Completion("".join(parts), ttft if ttft is not None else total, total, finish, chunks)
+        return Completion("".join(parts), total if ttft is None else ttft, total if last is None else last,
+                          total, finish, chunks)

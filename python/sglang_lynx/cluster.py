@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 from sglang_lynx.config import LynxConfig
 
@@ -40,6 +41,7 @@ def free_port() -> int:
 class ClusterSpec:
     model_path: str
     lynx: LynxConfig = dataclasses.field(default_factory=LynxConfig)
+    decode_lynx: Optional[LynxConfig] = None  # default: the same as prefill (tests of mismatches)
     router_port: int = dataclasses.field(default_factory=free_port)
     prefill_port: int = dataclasses.field(default_factory=free_port)
     decode_port: int = dataclasses.field(default_factory=free_port)
@@ -144,6 +146,8 @@ def _server_cmd(model_path: str, port: int, lynx: LynxConfig, extra: list[str]) 
     ]
     if lynx.bandwidth_mbps is not None:
         cmd += ["--lynx-bandwidth-mbps", str(lynx.bandwidth_mbps)]
+    if lynx.timings_file is not None:
+        cmd += ["--lynx-timings-file", lynx.timings_file]
     return cmd + extra
 
 
@@ -156,11 +160,13 @@ class PDCluster(_ProcessGroup):
 
     def start(self, timeout: float = 600) -> None:
         spec = self.spec
-        for role, port in (("prefill", spec.prefill_port), ("decode", spec.decode_port)):
+        roles = (("prefill", spec.prefill_port, spec.lynx),
+                 ("decode", spec.decode_port, spec.decode_lynx or spec.lynx))
+        for role, port, lynx in roles:
             extra = ["--disaggregation-mode", role, "--disaggregation-transfer-backend", "mooncake"]
             if role == "prefill":
                 extra += ["--disaggregation-bootstrap-port", str(spec.bootstrap_port)]
-            self.spawn(role, _server_cmd(spec.model_path, port, spec.lynx, extra + spec.server_args))
+            self.spawn(role, _server_cmd(spec.model_path, port, lynx, extra + spec.server_args))
         deadline = time.monotonic() + timeout
         self.wait_healthy("prefill", spec.prefill_url, deadline)
         self.wait_healthy("decode", spec.decode_url, deadline)
@@ -173,21 +179,27 @@ class PDCluster(_ProcessGroup):
             # The defaults (a 5 s timeout) mark a worker busy with a long prefill as dead.
             "--health-check-interval-secs", "10",
             "--health-check-timeout-secs", "60",
+            # With one worker per role an open circuit refuses every request for a minute;
+            # a failing request already reports its own error.
+            "--disable-circuit-breaker",
         ])
         self.wait_healthy("router", spec.router_url, deadline)
         self._wait_routable(deadline)
 
     def _wait_routable(self, deadline: float) -> None:
-        # The router answers /health before its own checks have admitted the workers; a
-        # one-token completion through it is the real readiness signal.
+        # The router answers /health before its own checks have admitted the workers: it is
+        # ready once it forwards a request (503 means it has no worker yet; other errors come
+        # from the workers, which a cluster with mismatched settings must be able to show).
         body = json.dumps({"model": "default", "prompt": "Hi", "max_tokens": 1}).encode()
         while time.monotonic() < deadline:
             request = urllib.request.Request(f"{self.spec.router_url}/v1/completions", data=body,
                                              headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=120) as r:
-                    if r.status == 200:
-                        return
+                with urllib.request.urlopen(request, timeout=120):
+                    return
+            except urllib.error.HTTPError as e:
+                if e.code != 503:
+                    return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             for name in ("prefill", "decode", "router"):

@@ -32,6 +32,7 @@ class LynxConfig:
     group_size: int = 64
     max_speculative_tokens: int = 64
     bandwidth_mbps: Optional[float] = None  # None: the link is not paced
+    timings_file: Optional[str] = None  # per-request transfer timings, JSON lines
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -41,10 +42,10 @@ class LynxConfig:
                 f"--lynx-anchor-bits must be between {ANCHOR_BITS.start} and {ANCHOR_BITS.stop - 1} "
                 f"(the Residual carries the other 8 - A bits of each INT8 code); got {self.anchor_bits}"
             )
-        if self.group_size < 2 or self.group_size & (self.group_size - 1):
+        if self.group_size < 8 or self.group_size & (self.group_size - 1):
             raise LynxConfigError(
-                f"--lynx-group-size must be a power of two >= 2 (elements sharing one scale); "
-                f"got {self.group_size}"
+                f"--lynx-group-size must be a power of two >= 8 (tokens sharing one scale per "
+                f"channel; codes are packed 8 at a time); got {self.group_size}"
             )
         if not 0 <= self.max_speculative_tokens <= 1024:
             raise LynxConfigError(
@@ -84,6 +85,8 @@ class LynxConfig:
         group.add_argument("--lynx-bandwidth-mbps", type=_positive_float, default=None,
                            help="Pace the KV sender to this many megabits per second (experiments); "
                                 "default: unpaced.")
+        group.add_argument("--lynx-timings-file", default=None,
+                           help="Append per-request transfer timings (JSON lines) to this file.")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "LynxConfig":
@@ -93,6 +96,7 @@ class LynxConfig:
             group_size=args.lynx_group_size,
             max_speculative_tokens=args.lynx_max_speculative_tokens,
             bandwidth_mbps=args.lynx_bandwidth_mbps,
+            timings_file=args.lynx_timings_file,
         )
 
     # --- transport to child processes ---------------------------------------------------------

@@ -42,6 +42,17 @@ def print_help() -> None:
     parser.print_help()
 
 
+QUANTIZED_MODES = ("int8", "int4", "lynx")
+
+
+def lynx_server_args(config: LynxConfig, argv: list[str]) -> list[str]:
+    """SGLang flags a Lynx mode implies unless given: a KV page holds whole codec blocks."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    if config.mode in QUANTIZED_MODES and "--page-size" not in given:
+        return [*argv, "--page-size", str(config.group_size)]
+    return list(argv)
+
+
 def check_compatible(config: LynxConfig, server_args) -> None:
     """Reject SGLang settings a Lynx mode cannot work with, before any process starts."""
     if not config.enabled:
@@ -50,6 +61,16 @@ def check_compatible(config: LynxConfig, server_args) -> None:
         raise LynxConfigError(
             f"--lynx-mode {config.mode} applies to prefill/decode workers: add "
             f"--disaggregation-mode prefill or --disaggregation-mode decode (or use --lynx-mode off)"
+        )
+    if server_args.disaggregation_transfer_backend != "mooncake":
+        raise LynxConfigError(
+            f"--lynx-mode {config.mode} runs on the Mooncake transfer engine: use "
+            f"--disaggregation-transfer-backend mooncake (got {server_args.disaggregation_transfer_backend})"
+        )
+    if config.mode in QUANTIZED_MODES and (server_args.page_size or 1) % config.group_size:
+        raise LynxConfigError(
+            f"--lynx-mode {config.mode} needs --page-size to be a multiple of --lynx-group-size "
+            f"({config.group_size}); got --page-size {server_args.page_size}"
         )
     if server_args.disaggregation_decode_enable_radix_cache:
         raise LynxConfigError(
@@ -72,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.utils import kill_process_tree
 
     load_plugins()
-    server_args = prepare_server_args(cpu.default_server_args(sglang_argv))
+    server_args = prepare_server_args(cpu.default_server_args(lynx_server_args(config, sglang_argv)))
     try:
         check_compatible(config, server_args)
     except LynxConfigError as e:

@@ -1,0 +1,275 @@
+"""Lynx on SGLang's Mooncake transport: the KV manager and sender, subclassed.
+
+Prefill (per request chunk, on the scheduler thread right after the forward):
+  encode the chunk's pages into :class:`PageRows`, then hand the chunk to the stream
+  scheduler. Its Anchor job writes the first stream of every page into the decode worker's
+  rows and only then passes the chunk on to SGLang's own transfer worker, with no pages
+  (``raw``: with the pages, whose bytes SGLang writes itself). SGLang's worker then sends the
+  first token (aux row) and reports Success to decode exactly as usual. In ``lynx`` mode the
+  Residual follows in bounded jobs behind every pending Anchor; its end is announced to
+  decode with a ``LYNX_RESIDUAL`` message, and the sender reports Success to the prefill
+  scheduler (which then frees the pages and rows) only after that.
+
+Decode: allocates rows beside its KV pool, registers them with Mooncake and appends their
+address and its Lynx settings to SGLang's registration message. Prefill refuses to transfer
+to a decode worker whose settings differ, through SGLang's own per-session rejection, so the
+request fails with that reason and both workers keep serving.
+
+Every byte either side writes goes through :meth:`LynxKVManager._transfer_data`, paced by the
+emulated link (``--lynx-bandwidth-mbps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager, MooncakeKVSender
+from sglang.srt.disaggregation.utils import DisaggregationMode
+from sglang.srt.utils.network import NetworkAddress
+
+from sglang_lynx.config import LynxConfig
+from sglang_lynx.streams.rows import PageRows, page_runs
+from sglang_lynx.streams.scheduler import ANCHOR, RESIDUAL, Pacer, StreamScheduler
+from sglang_lynx.streams.timings import Timings
+
+logger = logging.getLogger(__name__)
+
+REGISTRATION_FRAME = b"LYNX"  # followed by one JSON frame, at the end of decode's registration
+RESIDUAL_MESSAGE = b"LYNX_RESIDUAL"  # [header, room, b"1" ok | b"0" failed, reason]
+RESIDUAL_JOB_BYTES = 1 << 20  # a new Anchor waits for at most one such job
+NO_PAGES = np.empty(0, dtype=np.int32)
+
+
+@dataclasses.dataclass
+class _ResidualPlan:
+    """Where one request's Residual goes: (session, src pages, dst pages, endpoint, port) pieces."""
+
+    pieces: list = dataclasses.field(default_factory=list)
+    failure: Optional[str] = None
+
+
+class LynxKVManager(MooncakeKVManager):
+    # Send a failure's reason with the status (as SGLang's Mori and NIXL backends do), so that a
+    # request refused for mismatched settings tells the client why. Decode always parses it.
+    kv_status_msg_carries_reason = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lynx = LynxConfig.from_env()
+        self.pacer = Pacer(self.lynx.bandwidth_mbps)
+        self.timings = Timings(self.lynx.timings_file, role=self.disaggregation_mode.value)
+        self.rows: Optional[PageRows] = None
+        if self.disaggregation_mode == DisaggregationMode.PREFILL:
+            self.peers: dict[str, Optional[dict]] = {}  # decode session -> its Lynx registration
+            self.streams = StreamScheduler()
+            self.residual_plans: dict[int, _ResidualPlan] = {}
+            self.residual_results: dict[int, Optional[str]] = {}  # room -> None (ok) or failure
+            self._residual_lock = threading.Lock()
+        else:
+            self.residual_arrivals: dict[int, tuple[Optional[str], float]] = {}
+
+    def attach_pool(self, pool) -> None:
+        """Allocate rows beside the KV pool (one per page) and register them for transfers."""
+        page_size = pool.page_size
+        num_pages = pool.k_buffer[0].shape[0] // page_size
+        self.rows = PageRows(self.lynx, pool, page_size, num_pages)
+        self.engine.register(self.rows.data_ptr, self.rows.nbytes)
+        logger.info("Lynx %s rows: %d pages x %d B (%.0f MiB), first stream %d B/page",
+                    self.lynx.mode, num_pages, self.rows.row_nbytes, self.rows.nbytes / 2**20,
+                    self.rows.first_stream_nbytes)
+
+    # --- the link -----------------------------------------------------------------------------
+
+    def _transfer_data(self, mooncake_session_id, transfer_blocks):
+        self.pacer.pace(sum(length for _, _, length in transfer_blocks))
+        return super()._transfer_data(mooncake_session_id, transfer_blocks)
+
+    # --- handshake ----------------------------------------------------------------------------
+
+    def build_receiver_registration_message(self):
+        lynx = {"mode": self.lynx.mode, "anchor_bits": self.lynx.anchor_bits,
+                "group_size": self.lynx.group_size, "rows_ptr": self.rows.data_ptr,
+                "row_nbytes": self.rows.row_nbytes}
+        return super().build_receiver_registration_message() + [REGISTRATION_FRAME, json.dumps(lynx).encode()]
+
+    def _make_worker_recv(self, socket, *args, **kwargs):
+        recv = super()._make_worker_recv(socket, *args, **kwargs)
+
+        def recv_with_lynx():
+            msg = recv()
+            if msg is None:
+                return None
+            if msg[0] == RESIDUAL_MESSAGE:
+                self._on_residual_message(msg)
+                return None
+            if msg[0] == b"None" and self.disaggregation_mode == DisaggregationMode.PREFILL:
+                # A decode worker registers; SGLang's parser ignores frames it does not know.
+                session = msg[3].decode("ascii")
+                lynx = len(msg) >= 2 and msg[-2] == REGISTRATION_FRAME
+                self.peers[session] = json.loads(msg[-1]) if lynx else None
+                return msg[:-2] if lynx else msg
+            return msg
+
+        return recv_with_lynx
+
+    def _validate_peer_state_layout(self, decode_kv_args):
+        fully_checked, mismatch = super()._validate_peer_state_layout(decode_kv_args)
+        if mismatch is None:
+            mismatch = self._lynx_mismatch(self.peers.get(decode_kv_args.mooncake_session_id))
+        return fully_checked, mismatch
+
+    def _lynx_mismatch(self, peer: Optional[dict]) -> Optional[str]:
+        ours = {"mode": self.lynx.mode, "anchor_bits": self.lynx.anchor_bits, "group_size": self.lynx.group_size}
+        theirs = {k: peer[k] for k in ours} if peer else {"mode": "off"}
+        if theirs != ours:
+            describe = lambda d: " ".join(f"--lynx-{k.replace('_', '-')} {v}" for k, v in d.items())
+            return (f"Lynx settings differ: prefill runs {describe(ours)}, decode runs {describe(theirs)}; "
+                    f"start both workers with the same Lynx settings")
+        if peer["row_nbytes"] != self.rows.row_nbytes:
+            return (f"Lynx page rows differ ({self.rows.row_nbytes} B on prefill, {peer['row_nbytes']} B on "
+                    f"decode): the workers need the same model and --page-size")
+        return None
+
+    # --- prefill: streams ---------------------------------------------------------------------
+
+    def add_transfer_request(self, bootstrap_room, kv_indices, index_slice, is_last_chunk,
+                             aux_index=None, state_indices=None, num_kv_tokens=None, **kwargs):
+        forward = functools.partial(
+            super().add_transfer_request, bootstrap_room, index_slice=index_slice,
+            is_last_chunk=is_last_chunk, aux_index=aux_index, state_indices=state_indices,
+            num_kv_tokens=num_kv_tokens, **kwargs)
+        infos = self.transfer_infos.get(bootstrap_room, {})
+        targets = [(s, info) for s, info in infos.items() if not info.is_dummy]
+        if (not targets or self.check_status(bootstrap_room) == KVPoll.Failed
+                or any(s in self.state_layout_rejections for s, _ in targets)):
+            # Nothing of ours to send; SGLang concludes (dummy rank, failure, rejected peer).
+            forward(kv_indices=kv_indices)
+            return
+        pages = np.asarray(kv_indices, dtype=np.int64)
+        num_tokens = num_kv_tokens or len(pages) * self.rows.page_size
+        started = time.time()
+        if is_last_chunk:
+            self.timings.add(bootstrap_room, kv_ready=started)  # the prompt's forward is done
+        if self.lynx.mode == "raw":  # SGLang's worker writes these pool pages itself
+            self.timings.add(bootstrap_room, first_stream_bytes=len(pages) * sum(self.kv_args.kv_item_lens))
+        self.rows.encode(pages, num_tokens, bootstrap_room)  # right after the forward, on this thread
+        self.timings.add(bootstrap_room, encode_s=time.time() - started, tokens=num_tokens)
+        self.streams.submit(ANCHOR, functools.partial(
+            self._send_first_stream, bootstrap_room, pages, index_slice, is_last_chunk, targets,
+            functools.partial(forward, kv_indices=kv_indices if self.lynx.mode == "raw" else NO_PAGES)))
+
+    def _send_first_stream(self, room, pages, index_slice, is_last_chunk, targets, forward) -> None:
+        if self.check_status(room) == KVPoll.Failed:
+            return forward()  # aborted meanwhile: SGLang's worker drops the chunk
+        plan = self.residual_plans.setdefault(room, _ResidualPlan()) if self.lynx.mode == "lynx" else None
+        for session, info in targets:
+            dst_pages = info.dst_kv_indices[index_slice][: len(pages)]
+            blocks = page_runs(pages, dst_pages, self.rows.data_ptr, self.peers[session]["rows_ptr"],
+                               self.rows.row_nbytes, 0, self.rows.first_stream_nbytes)
+            if self._transfer_data(session, blocks) != 0:
+                self.residual_plans.pop(room, None)
+                self.conclude_failure(bootstrap_room=room,
+                                      failure_reason=f"Lynx: writing the first KV stream to {session} failed")
+                return
+            self.timings.add(room, first_stream_bytes=sum(b[2] for b in blocks))
+            if plan is not None:
+                plan.pieces.append((session, pages, dst_pages, info.endpoint, info.dst_port))
+        forward()
+        if is_last_chunk:
+            self.timings.add(room, first_stream_sent=time.time())
+            if plan is not None:
+                self._schedule_residual(room)
+            else:
+                self.timings.flush(room)
+
+    def _schedule_residual(self, room) -> None:
+        plan = self.residual_plans[room]
+        per_job = max(1, RESIDUAL_JOB_BYTES // self.rows.residual_nbytes)
+        for session, src, dst, _, _ in plan.pieces:
+            for i in range(0, len(src), per_job):
+                self.streams.submit(RESIDUAL, functools.partial(
+                    self._send_residual, room, session, src[i: i + per_job], dst[i: i + per_job]))
+        self.streams.submit(RESIDUAL, functools.partial(self._finish_residual, room))
+
+    def _send_residual(self, room, session, src, dst) -> None:
+        plan = self.residual_plans[room]
+        if plan.failure is not None:
+            return
+        if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
+            plan.failure = "the request was aborted before its Residual was sent"
+            return
+        blocks = page_runs(src, dst, self.rows.data_ptr, self.peers[session]["rows_ptr"],
+                           self.rows.row_nbytes, self.rows.residual_at, self.rows.residual_nbytes)
+        if self._transfer_data(session, blocks) != 0:
+            plan.failure = f"Lynx: writing the Residual to {session} failed"
+        else:
+            self.timings.add(room, residual_bytes=sum(b[2] for b in blocks))
+
+    def _finish_residual(self, room) -> None:
+        plan = self.residual_plans.pop(room)
+        ok = plan.failure is None
+        endpoints = {(endpoint, port) for _, _, _, endpoint, port in plan.pieces}
+        for endpoint, port in endpoints:
+            address = NetworkAddress(endpoint, port)
+            self._send_multipart_locked(
+                address.to_tcp(),
+                [RESIDUAL_MESSAGE, str(room).encode(), b"1" if ok else b"0", (plan.failure or "").encode()],
+                is_ipv6=address.is_ipv6)
+        self.timings.add(room, residual_sent=time.time())
+        self.timings.flush(room)
+        with self._residual_lock:
+            self.residual_results[room] = plan.failure
+
+    def residual_poll(self, room) -> KVPoll:
+        """Prefill's view of a request whose first stream is done: has its Residual gone too?"""
+        if self.lynx.mode != "lynx":
+            return KVPoll.Success
+        with self._residual_lock:
+            if room not in self.residual_results:
+                return KVPoll.Transferring
+            failure = self.residual_results.pop(room)
+        if failure is not None:
+            self.record_failure(room, failure)
+            return KVPoll.Failed
+        return KVPoll.Success
+
+    # --- decode: arrivals ---------------------------------------------------------------------
+
+    def _on_residual_message(self, msg) -> None:
+        room, ok, reason = int(msg[1]), msg[2] == b"1", msg[3].decode()
+        self.residual_arrivals[room] = (None if ok else reason, time.time())
+
+    def take_residual_arrival(self, room) -> Optional[tuple[Optional[str], float]]:
+        """(failure or None, arrival time) once the Residual of ``room`` has landed; else None."""
+        return self.residual_arrivals.pop(room, None)
+
+
+class LynxKVSender(MooncakeKVSender):
+    """Reports Success to the prefill scheduler only once the Residual has gone too."""
+
+    _final: Optional[KVPoll] = None
+
+    def poll(self) -> KVPoll:
+        return self._after_residual(super().poll())
+
+    def poll_pp_consensus(self) -> KVPoll:
+        return self._after_residual(super().poll_pp_consensus())
+
+    def _after_residual(self, status: KVPoll) -> KVPoll:
+        if status != KVPoll.Success:
+            return status
+        if self._final is None:
+            residual = self.kv_mgr.residual_poll(self.bootstrap_room)
+            if residual == KVPoll.Transferring:
+                return residual
+            self._final = residual
+        return self._final
