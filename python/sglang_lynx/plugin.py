@@ -4,17 +4,20 @@ SGLang calls :func:`load` (entry point ``sglang.srt.plugins``) early in every pr
 starts: the HTTP server, each scheduler, the detokenizer. With ``--lynx-mode off`` nothing but
 the CPU compatibility layer is registered. Otherwise:
 
-==============================================================  =======  ==========================
-target                                                          hook     what for
-==============================================================  =======  ==========================
-``disaggregation.utils.get_kv_class``                           AROUND   Lynx manager and sender
-                                                                         for the Mooncake backend
-``PrefillBootstrapQueue._init_kv_manager`` (and decode's         AROUND   give the manager the KV
-``DecodePreallocQueue._init_kv_manager``)                                 pool to encode/land pages
-``DecodeTransferQueue._commit_transfer_to_req``                  AROUND   land the first stream
-``DecodeTransferQueue.pop_transferred``                          AROUND   hold until the Residual
-``Scheduler.is_fully_idle``                                      AFTER    held requests are work
-==============================================================  =======  ==========================
+=================================================================  ======  ============================
+target                                                             hook    what for
+=================================================================  ======  ============================
+``disaggregation.utils.get_kv_class``                              AROUND  the Lynx KV manager for the
+                                                                           Mooncake backend
+``PrefillBootstrapQueue._init_kv_manager`` and                     AROUND  give the manager the KV pool
+``DecodePreallocQueue._init_kv_manager``                                   (to encode / land pages)
+``disaggregation.prefill.release_kv_cache``                        AROUND  keep a request's pages until
+                                                                           its Residual has gone
+``...PrefillMixin.process_disagg_prefill_inflight_queue``          AFTER   release them then
+``DecodeTransferQueue._commit_transfer_to_req``                    AROUND  land the first stream
+``DecodeTransferQueue.pop_transferred``                            AROUND  hold until the Residual
+``Scheduler.is_fully_idle``                                        AFTER   pending Lynx work is work
+=================================================================  ======  ============================
 """
 
 from sglang_lynx.compat import cpu
@@ -40,10 +43,13 @@ def _register_lynx_hooks() -> None:
         (f"{DISAGG}.utils.get_kv_class", _lynx_kv_class, HookType.AROUND),
         (f"{DISAGG}.prefill.PrefillBootstrapQueue._init_kv_manager", _attach_pool, HookType.AROUND),
         (f"{DISAGG}.decode.DecodePreallocQueue._init_kv_manager", _attach_pool, HookType.AROUND),
+        (f"{DISAGG}.prefill.release_kv_cache", _release_after_residual, HookType.AROUND),
+        (f"{DISAGG}.prefill.SchedulerDisaggregationPrefillMixin.process_disagg_prefill_inflight_queue",
+         _run_deferred_releases, HookType.AFTER),
         (f"{DISAGG}.decode.DecodeTransferQueue._commit_transfer_to_req", landing.commit_transfer,
          HookType.AROUND),
         (f"{DISAGG}.decode.DecodeTransferQueue.pop_transferred", landing.pop_transferred, HookType.AROUND),
-        ("sglang.srt.managers.scheduler.Scheduler.is_fully_idle", _idle_unless_waiting, HookType.AFTER),
+        ("sglang.srt.managers.scheduler.Scheduler.is_fully_idle", _idle_unless_lynx_work, HookType.AFTER),
     ]
     for target, hook, kind in hooks:
         HookRegistry.register(target, hook, kind)
@@ -52,26 +58,48 @@ def _register_lynx_hooks() -> None:
 def _lynx_kv_class(original, transfer_backend, class_type):
     from sglang.srt.disaggregation.utils import KVClassType, TransferBackend
 
-    from sglang_lynx.streams.mooncake import LynxKVManager, LynxKVSender
+    from sglang_lynx.streams.mooncake import LynxKVManager
 
-    if transfer_backend == TransferBackend.MOONCAKE:
-        lynx = {KVClassType.MANAGER: LynxKVManager, KVClassType.SENDER: LynxKVSender}.get(class_type)
-        if lynx is not None:
-            return lynx
+    if transfer_backend == TransferBackend.MOONCAKE and class_type == KVClassType.MANAGER:
+        return LynxKVManager
     return original(transfer_backend, class_type)
 
 
 def _attach_pool(original, queue):
-    from sglang_lynx.streams.mooncake import LynxKVManager
-
     manager = original(queue)
-    if isinstance(manager, LynxKVManager):
+    if _lynx_manager(manager) is not None:
         manager.attach_pool(queue.token_to_kv_pool)
     return manager
 
 
-def _idle_unless_waiting(idle, scheduler, *args, **kwargs):
+def _release_after_residual(original, req, *args, **kwargs):
+    manager = _lynx_manager(getattr(getattr(req, "disagg_kv_sender", None), "kv_mgr", None))
+    if manager is None:
+        return original(req, *args, **kwargs)
+    manager.release_after_residual(req.bootstrap_room, lambda: original(req, *args, **kwargs))
+
+
+def _run_deferred_releases(result, scheduler, *args, **kwargs):
+    manager = _lynx_manager(_prefill_manager(scheduler))
+    if manager is not None:
+        manager.run_deferred_releases()
+    return result
+
+
+def _idle_unless_lynx_work(idle, scheduler, *args, **kwargs):
     from sglang_lynx.streams.landing import has_waiting
 
-    queue = getattr(scheduler, "disagg_decode_transfer_queue", None)
-    return idle and not (queue is not None and has_waiting(queue))
+    prefill = _lynx_manager(_prefill_manager(scheduler))
+    decode_queue = getattr(scheduler, "disagg_decode_transfer_queue", None)
+    return idle and not (prefill is not None and prefill.deferred_releases) \
+        and not (decode_queue is not None and has_waiting(decode_queue))
+
+
+def _prefill_manager(scheduler):
+    return getattr(getattr(scheduler, "disagg_prefill_bootstrap_queue", None), "kv_manager", None)
+
+
+def _lynx_manager(manager):
+    from sglang_lynx.streams.mooncake import LynxKVManager
+
+    return manager if isinstance(manager, LynxKVManager) else None

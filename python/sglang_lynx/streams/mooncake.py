@@ -1,14 +1,15 @@
-"""Lynx on SGLang's Mooncake transport: the KV manager and sender, subclassed.
+"""Lynx on SGLang's Mooncake transport: the KV manager, subclassed.
 
 Prefill (per request chunk, on the scheduler thread right after the forward):
   encode the chunk's pages into :class:`PageRows`, then hand the chunk to the stream
   scheduler. Its Anchor job writes the first stream of every page into the decode worker's
   rows and only then passes the chunk on to SGLang's own transfer worker, with no pages
   (``raw``: with the pages, whose bytes SGLang writes itself). SGLang's worker then sends the
-  first token (aux row) and reports Success to decode exactly as usual. In ``lynx`` mode the
-  Residual follows in bounded jobs behind every pending Anchor; its end is announced to
-  decode with a ``LYNX_RESIDUAL`` message, and the sender reports Success to the prefill
-  scheduler (which then frees the pages and rows) only after that.
+  first token (aux row) and reports Success to decode exactly as usual, and prefill answers
+  its HTTP request (the router relays decode's stream only after that answer). In ``lynx``
+  mode the Residual follows in bounded jobs behind every pending Anchor; its end is announced
+  to decode with a ``LYNX_RESIDUAL`` message. The request's KV pages (and so its rows) are
+  released only after that: the prefill scheduler's release is deferred until then.
 
 Decode: allocates rows beside its KV pool, registers them with Mooncake and appends their
 address and its Lynx settings to SGLang's registration message. Prefill refuses to transfer
@@ -25,19 +26,18 @@ import dataclasses
 import functools
 import json
 import logging
-import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from sglang.srt.disaggregation.base.conn import KVPoll
-from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager, MooncakeKVSender
+from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
 from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.utils.network import NetworkAddress
 
 from sglang_lynx.config import LynxConfig
-from sglang_lynx.streams.rows import PageRows, page_runs
+from sglang_lynx.streams.rows import PageRows, page_runs, split_blocks
 from sglang_lynx.streams.scheduler import ANCHOR, RESIDUAL, Pacer, StreamScheduler
 from sglang_lynx.streams.timings import Timings
 
@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 REGISTRATION_FRAME = b"LYNX"  # followed by one JSON frame, at the end of decode's registration
 RESIDUAL_MESSAGE = b"LYNX_RESIDUAL"  # [header, room, b"1" ok | b"0" failed, reason]
-RESIDUAL_JOB_BYTES = 1 << 20  # a new Anchor waits for at most one such job
+# A new request's Anchor waits for at most one Residual job: keep a job to a few ms of link time.
+RESIDUAL_JOB_SECONDS = 0.02
+RESIDUAL_JOB_BYTES = (4 << 10, 1 << 20)  # bounds, whatever the link
 NO_PAGES = np.empty(0, dtype=np.int32)
 
 
@@ -71,9 +73,8 @@ class LynxKVManager(MooncakeKVManager):
         if self.disaggregation_mode == DisaggregationMode.PREFILL:
             self.peers: dict[str, Optional[dict]] = {}  # decode session -> its Lynx registration
             self.streams = StreamScheduler()
-            self.residual_plans: dict[int, _ResidualPlan] = {}
-            self.residual_results: dict[int, Optional[str]] = {}  # room -> None (ok) or failure
-            self._residual_lock = threading.Lock()
+            self.residual_plans: dict[int, _ResidualPlan] = {}  # from first stream to Residual's end
+            self.deferred_releases: dict[int, Callable[[], None]] = {}  # run on the scheduler thread
         else:
             self.residual_arrivals: dict[int, tuple[Optional[str], float]] = {}
 
@@ -185,30 +186,37 @@ class LynxKVManager(MooncakeKVManager):
                 plan.pieces.append((session, pages, dst_pages, info.endpoint, info.dst_port))
         forward()
         if is_last_chunk:
+            # SGLang's worker now writes the first token and reports Success; the Residual must not
+            # take the link before that, or the first token would wait behind it.
+            self._wait_concluded(room)
             self.timings.add(room, first_stream_sent=time.time())
             if plan is not None:
                 self._schedule_residual(room)
             else:
                 self.timings.flush(room)
 
+    def _wait_concluded(self, room, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while (self.request_status.get(room) not in (KVPoll.Success, KVPoll.Failed, None)
+               and time.monotonic() < deadline):
+            time.sleep(0.001)
+
     def _schedule_residual(self, room) -> None:
         plan = self.residual_plans[room]
-        per_job = max(1, RESIDUAL_JOB_BYTES // self.rows.residual_nbytes)
+        low, high = RESIDUAL_JOB_BYTES
+        rate = self.pacer.bytes_per_s
+        job_bytes = high if rate is None else int(min(high, max(low, rate * RESIDUAL_JOB_SECONDS)))
         for session, src, dst, _, _ in plan.pieces:
-            for i in range(0, len(src), per_job):
-                self.streams.submit(RESIDUAL, functools.partial(
-                    self._send_residual, room, session, src[i: i + per_job], dst[i: i + per_job]))
+            blocks = page_runs(src, dst, self.rows.data_ptr, self.peers[session]["rows_ptr"],
+                               self.rows.row_nbytes, self.rows.residual_at, self.rows.residual_nbytes)
+            for job in split_blocks(blocks, job_bytes):
+                self.streams.submit(RESIDUAL, functools.partial(self._send_residual, room, session, job))
         self.streams.submit(RESIDUAL, functools.partial(self._finish_residual, room))
 
-    def _send_residual(self, room, session, src, dst) -> None:
+    def _send_residual(self, room, session, blocks) -> None:
         plan = self.residual_plans[room]
         if plan.failure is not None:
             return
-        if self.request_status.get(room, KVPoll.Failed) == KVPoll.Failed:
-            plan.failure = "the request was aborted before its Residual was sent"
-            return
-        blocks = page_runs(src, dst, self.rows.data_ptr, self.peers[session]["rows_ptr"],
-                           self.rows.row_nbytes, self.rows.residual_at, self.rows.residual_nbytes)
         if self._transfer_data(session, blocks) != 0:
             plan.failure = f"Lynx: writing the Residual to {session} failed"
         else:
@@ -224,23 +232,22 @@ class LynxKVManager(MooncakeKVManager):
                 address.to_tcp(),
                 [RESIDUAL_MESSAGE, str(room).encode(), b"1" if ok else b"0", (plan.failure or "").encode()],
                 is_ipv6=address.is_ipv6)
-        self.timings.add(room, residual_sent=time.time())
-        self.timings.flush(room)
-        with self._residual_lock:
-            self.residual_results[room] = plan.failure
+        if not ok:
+            logger.error("Lynx: Residual of room %s: %s", room, plan.failure)
+        self.timings.flush(room, residual_sent=time.time(), **({} if ok else {"failure": plan.failure}))
 
-    def residual_poll(self, room) -> KVPoll:
-        """Prefill's view of a request whose first stream is done: has its Residual gone too?"""
-        if self.lynx.mode != "lynx":
-            return KVPoll.Success
-        with self._residual_lock:
-            if room not in self.residual_results:
-                return KVPoll.Transferring
-            failure = self.residual_results.pop(room)
-        if failure is not None:
-            self.record_failure(room, failure)
-            return KVPoll.Failed
-        return KVPoll.Success
+    # --- prefill: page release ----------------------------------------------------------------
+
+    def release_after_residual(self, room, release: Callable[[], None]) -> None:
+        """Release a finished request's KV now, or once its Residual has gone (scheduler thread)."""
+        if room in self.residual_plans:
+            self.deferred_releases[room] = release
+        else:
+            release()
+
+    def run_deferred_releases(self) -> None:
+        for room in [r for r in self.deferred_releases if r not in self.residual_plans]:
+            self.deferred_releases.pop(room)()
 
     # --- decode: arrivals ---------------------------------------------------------------------
 
@@ -252,24 +259,3 @@ class LynxKVManager(MooncakeKVManager):
         """(failure or None, arrival time) once the Residual of ``room`` has landed; else None."""
         return self.residual_arrivals.pop(room, None)
 
-
-class LynxKVSender(MooncakeKVSender):
-    """Reports Success to the prefill scheduler only once the Residual has gone too."""
-
-    _final: Optional[KVPoll] = None
-
-    def poll(self) -> KVPoll:
-        return self._after_residual(super().poll())
-
-    def poll_pp_consensus(self) -> KVPoll:
-        return self._after_residual(super().poll_pp_consensus())
-
-    def _after_residual(self, status: KVPoll) -> KVPoll:
-        if status != KVPoll.Success:
-            return status
-        if self._final is None:
-            residual = self.kv_mgr.residual_poll(self.bootstrap_room)
-            if residual == KVPoll.Transferring:
-                return residual
-            self._final = residual
-        return self._final

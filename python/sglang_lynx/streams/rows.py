@@ -165,3 +165,20 @@ def page_runs(src_pages: Sequence[int], dst_pages: Sequence[int], src_base: int,
     """Mooncake transfer blocks (src address, dst address, length) for one byte range of rows."""
     return [(src_base + int(s) * row_nbytes + offset, dst_base + int(d) * row_nbytes + offset, length)
             for s, d in zip(src_pages, dst_pages)]
+
+
+def split_blocks(blocks: list[tuple[int, int, int]], max_bytes: int) -> list[list[tuple[int, int, int]]]:
+    """Cut transfer blocks into jobs of at most ``max_bytes`` each, splitting blocks where needed."""
+    jobs, job, size = [], [], 0
+    for src, dst, length in blocks:
+        offset = 0
+        while offset < length:
+            take = min(length - offset, max_bytes - size)
+            job.append((src + offset, dst + offset, take))
+            offset, size = offset + take, size + take
+            if size == max_bytes:
+                jobs.append(job)
+                job, size = [], 0
+    if job:
+        jobs.append(job)
+    return jobs
