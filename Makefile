@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit bench-codec cluster-up cluster-down clean
+.PHONY: setup demo test test-unit bench-codec bench-ttft cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,10 @@ test-unit: setup
 
 bench-codec: setup
 	$(PY) -m sglang_lynx.bench codec --json bench-codec.json
+
+bench-ttft: setup
+	$(PY) -m sglang_lynx.bench ttft --modes raw,int8,int4,lynx --bandwidth-mbps 2 --input-len 128 \
+		--output-len 16 --num-prompts 3 --json bench-ttft.json --plot bench-ttft.png
 
 cluster-up: setup
 	@bash scripts/pd_cluster.sh up

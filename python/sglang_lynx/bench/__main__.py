@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import codec
+from . import codec, ttft
 
-SUBCOMMANDS = [codec]
+SUBCOMMANDS = [codec, ttft]
 
 
 def main(argv: list[str] | None = None) -> None:

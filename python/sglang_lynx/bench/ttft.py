@@ -1,0 +1,180 @@
+"""Time to first token, per Lynx mode, over a rate-limited KV link.
+
+    python -m sglang_lynx.bench ttft --modes raw,int8,int4,lynx --bandwidth-mbps 2 \\
+        --input-len 128 --output-len 16 --num-prompts 3 --json bench-ttft.json
+
+For each mode: bring up prefill + decode + router with that mode and the paced link, send the
+prompts one at a time through the router (streaming, greedy, ``ignore_eos``) and time the first
+and the K-th token on the client. The servers' timing records give, per request, the KV bytes
+each stream carried and the moment prefill's forward was done (P: everything but the transfer).
+The floor is P + Anchor bytes / bandwidth: what any 4-bit-first transfer must wait for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sglang_lynx.client import complete
+from sglang_lynx.cluster import ClusterSpec, PDCluster
+from sglang_lynx.config import MODES, LynxConfig
+from sglang_lynx.data import gutenberg_text
+from sglang_lynx.models import smollm2
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("ttft", help="TTFT per Lynx mode over a rate-limited KV link",
+                              description=__doc__.split("\n")[0])
+    p.add_argument("--modes", default="raw,int8,int4,lynx", help="comma-separated Lynx modes")
+    p.add_argument("--bandwidth-mbps", type=float, default=2.0, help="emulated KV link rate")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens")
+    p.add_argument("--output-len", type=int, default=16, help="K: tokens generated (time to the K-th)")
+    p.add_argument("--num-prompts", type=int, default=3, help="requests per mode, sent one at a time")
+    p.add_argument("--text", default="hamlet", help="Gutenberg text the prompts are cut from")
+    p.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="write a PNG of TTFT against link bandwidth (P + first-stream bytes / bandwidth "
+                        "per mode, from this run's measurements, with the measured medians)")
+    p.set_defaults(run=run)
+
+
+def make_prompts(model_path: str, text: str, input_len: int, num_prompts: int) -> list[str]:
+    """Distinct windows of ``input_len`` tokens of the text (distinct: no prefix-cache hits), as text:
+    the router's OpenAI API takes no token ids. The servers record the token count they saw."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = tokenizer(gutenberg_text(text)).input_ids
+    stride = max(input_len, (len(ids) - input_len) // max(num_prompts, 1))
+    windows = [ids[i * stride: i * stride + input_len] for i in range(num_prompts)]
+    if len(windows[-1]) < input_len:
+        raise SystemExit(f"the text has too few tokens for {num_prompts} prompts of {input_len}")
+    return [tokenizer.decode(w) for w in windows]
+
+
+def run_mode(mode: str, args, model_path: str, prompts, progress: tqdm, log_dir: Path) -> dict:
+    timings = log_dir / f"{mode}-timings.jsonl"
+    lynx = LynxConfig(mode=mode, bandwidth_mbps=args.bandwidth_mbps, timings_file=str(timings))
+    spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir / mode)
+    requests = []
+    progress.set_postfix_str(f"{mode}: starting cluster")
+    with PDCluster(spec):
+        for prompt in prompts:
+            progress.set_postfix_str(f"{mode}: request {len(requests) + 1}/{len(prompts)}")
+            sent = time.time()
+            c = complete(spec.router_url, prompt, max_tokens=args.output_len, stream=True, ignore_eos=True)
+            requests.append({"sent": sent, "ttft_s": c.ttft_s, "ttk_s": c.last_token_s})
+            progress.update()
+    records = [json.loads(line) for line in timings.read_text().splitlines()]
+    prefill = [r for r in records if r["role"] == "prefill"][-len(prompts):]  # after the warm-up
+    for req, rec in zip(requests, prefill):
+        req["prefill_s"] = rec["kv_ready"] - req["sent"]
+        req["prompt_tokens"] = rec["tokens"]
+        req["first_stream_bytes"] = rec["first_stream_bytes"]
+        req["residual_bytes"] = rec.get("residual_bytes", 0)
+    med = lambda key: statistics.median(r[key] for r in requests)
+    return {
+        "ttft_ms_median": 1000 * med("ttft_s"),
+        "ttk_ms_median": 1000 * med("ttk_s"),
+        "prefill_ms_median": 1000 * med("prefill_s"),
+        "first_stream_bytes": med("first_stream_bytes"),
+        "residual_bytes": med("residual_bytes"),
+        "kv_bytes": med("first_stream_bytes") + med("residual_bytes"),
+        "prompt_tokens_median": med("prompt_tokens"),
+        "requests": requests,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES or m == "off"]
+    if unknown:
+        raise SystemExit(f"--modes: unknown or unpaced mode(s) {unknown}; choose from raw, int8, int4, lynx")
+    model_path = str(args.model_path or smollm2())
+    prompts = make_prompts(model_path, args.text, args.input_len, args.num_prompts)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="lynx-bench-") as tmp, \
+            tqdm(total=len(modes) * len(prompts), desc="bench ttft", unit="req") as progress:
+        for mode in modes:
+            results[mode] = run_mode(mode, args, model_path, prompts, progress, Path(tmp))
+    report = summarise(args, results)
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return report
+
+
+def summarise(args, results: dict) -> dict:
+    bytes_per_s = args.bandwidth_mbps * 1e6 / 8
+    prefill_ms = statistics.median(r["prefill_ms_median"] for r in results.values())
+    report = {"bandwidth_mbps": args.bandwidth_mbps, "input_len": args.input_len,
+              "output_len": args.output_len, "num_prompts": args.num_prompts,
+              "prefill_ms": prefill_ms, "modes": results}
+    if "lynx" in results:
+        anchor = results["lynx"]["first_stream_bytes"]
+        report["floor_ms"] = prefill_ms + 1000 * anchor / bytes_per_s
+        report["anchor_transfer_over_prefill"] = (1000 * anchor / bytes_per_s) / prefill_ms
+    ratios = {}
+    ttft = {m: r["ttft_ms_median"] for m, r in results.items()}
+    if {"lynx", "int4"} <= ttft.keys():
+        ratios["ttft_lynx_over_int4"] = ttft["lynx"] / ttft["int4"]
+    if {"lynx", "int8"} <= ttft.keys():
+        ideal = ((prefill_ms + 1000 * results["int8"]["kv_bytes"] / bytes_per_s)
+                 / (prefill_ms + 1000 * results["lynx"]["first_stream_bytes"] / bytes_per_s))
+        ratios["ttft_int8_over_lynx"] = ttft["int8"] / ttft["lynx"]
+        ratios["ttft_int8_over_lynx_ideal"] = ideal
+        ratios["ttft_int8_over_lynx_fraction_of_ideal"] = ratios["ttft_int8_over_lynx"] / ideal
+    if "floor_ms" in report:
+        ratios["ttft_lynx_over_floor"] = ttft["lynx"] / report["floor_ms"]
+    report["ratios"] = ratios
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(f"\nKV link {report['bandwidth_mbps']:g} Mbit/s, {report['input_len']} prompt tokens, "
+          f"{report['output_len']} output tokens, {report['num_prompts']} prompts per mode (medians)")
+    print(f"{'mode':<6} {'TTFT ms':>9} {'T-to-K ms':>10} {'1st stream B':>13} {'residual B':>11}")
+    for mode, r in report["modes"].items():
+        print(f"{mode:<6} {r['ttft_ms_median']:>9.0f} {r['ttk_ms_median']:>10.0f} "
+              f"{r['first_stream_bytes']:>13.0f} {r['residual_bytes']:>11.0f}")
+    print(f"\nprefill (P, all but the transfer): {report['prefill_ms']:.0f} ms")
+    if "floor_ms" in report:
+        print(f"floor (P + Anchor bytes / bandwidth): {report['floor_ms']:.0f} ms "
+              f"(Anchor transfer = {report['anchor_transfer_over_prefill']:.1f} x P)")
+    for name, value in report["ratios"].items():
+        print(f"{name:<40} {value:.3f}")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    measured_at = report["bandwidth_mbps"]
+    bandwidths = np.geomspace(measured_at / 8, measured_at * 64, 200)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, r in report["modes"].items():
+        model = report["prefill_ms"] + 8 * r["first_stream_bytes"] / (bandwidths * 1e6) * 1000
+        line, = ax.plot(bandwidths, model / 1000, ls="--" if mode == "lynx" else "-",  # lynx = int4
+                        label=f"{mode}: P + first stream / bandwidth")
+        ax.plot([measured_at], [r["ttft_ms_median"] / 1000], "o", color=line.get_color())
+    ax.axhline(report["prefill_ms"] / 1000, color="grey", ls=":", label="P (everything but the transfer)")
+    ax.set(xscale="log", yscale="log", xlabel="KV link bandwidth (Mbit/s)", ylabel="time to first token (s)",
+           title=f"SmolLM2-135M, {report['input_len']}-token prompts; dots: measured at {measured_at:g} Mbit/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
