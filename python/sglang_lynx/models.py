@@ -41,8 +41,8 @@ def gguf_path() -> Path:
 
 
 def _source_id(src: Path) -> dict:
-    st = src.stat()
-    return {"source": str(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    # Name and size, not path: every checkout's virtualenv has its own copy of the same file.
+    return {"source": src.name, "size": src.stat().st_size}
 
 
 def smollm2(out: Path | None = None) -> Path:
