@@ -13,28 +13,28 @@ import importlib.util
 import torch
 
 from . import reference
-from .reference import empty_planes  # noqa: F401  (part of the API: preallocated outputs)
+from .reference import Meta, empty_planes, meta_block_nbytes, meta_views  # noqa: F401  (part of the API)
 
 BACKENDS = ("reference", "triton")
 
 
 def quantize_split(kv: torch.Tensor, anchor_bits: int, group_size: int, out=None, backend: str | None = None):
-    """kv [2, L, T, H, D] -> (anchor, residual, scale_zero): INT8 codes split into Anchor and Residual
-    planes, written into out (three contiguous tensors of those shapes, see empty_planes) if given."""
+    """kv [2, L, T, H, D] -> (anchor, residual, meta): INT8 codes split into Anchor and Residual planes,
+    and their Meta, written into out (tensors of those shapes, see empty_planes) if given."""
     return _backend(backend, kv).quantize_split(kv, anchor_bits, group_size, out)
 
 
-def dequant_anchor(anchor, scale_zero, table, num_tokens: int, dtype=torch.float32, out=None,
+def dequant_anchor(anchor, meta, table, num_tokens: int, dtype=torch.float32, out=None,
                    backend: str | None = None):
     """Anchor-only reconstruction -> kv_hat [2, L, num_tokens, H, D] of dtype (into out, if given)."""
-    return _backend(backend, anchor).dequant_anchor(anchor, scale_zero, table, num_tokens, dtype, out)
+    return _backend(backend, anchor).dequant_anchor(anchor, meta, table, num_tokens, dtype, out)
 
 
-def merge_dequant(anchor, residual, scale_zero, num_tokens: int, dtype=torch.float32, out=None,
+def merge_dequant(anchor, residual, meta, num_tokens: int, dtype=torch.float32, out=None,
                   backend: str | None = None):
     """Anchor + Residual -> the exact INT8 dequantization, kv_hat [2, L, num_tokens, H, D] of dtype
     (into out, if given)."""
-    return _backend(backend, anchor).merge_dequant(anchor, residual, scale_zero, num_tokens, dtype, out)
+    return _backend(backend, anchor).merge_dequant(anchor, residual, meta, num_tokens, dtype, out)
 
 
 def triton_available() -> bool:

@@ -6,13 +6,15 @@ codes in kv's own order, token then head then channel; ``n = G * H * D / 8``):
     kv          [2, L, T, H, D]          float32 / bfloat16 / float16
     anchor      [nb, 2, L, A, n]         uint8, the A bit-planes of each segment
     residual    [nb, 2, L, 8 - A, n]     uint8, the 8 - A bit-planes of each segment
-    scale_zero  [nb, 2, L, H, D, 2]      float16 (scale, zero) of each channel's group of G tokens
+    meta        Meta of three tensors, per block (see Meta)
     table       [2, L, 2**A]             float16: Anchor value a stands for code a * 2**(8-A) + table[a]
 
-Each channel of each head is quantized over a block of G tokens (one group = G elements). A segment's
-codes are cut into 8 stripes of G / 8 tokens; the k-th codes of the 8 stripes form one little-endian
-word of 8 * b bits (b = A or 8 - A) whose b bytes go to the segment's b planes: plane j holds byte j
-of every word. For b = 4 that is nibble packing: plane 0 byte k = stripe0[k] | stripe1[k] << 4.
+Each channel of each head is quantized over a block of G tokens (one group = G elements) with a
+float16 zero and an 8-bit scale whose exponent is relative to one exponent per (block, layer's K or
+V, head): 3 bytes per group plus 1 per G x D elements (see encode_scale). A segment's codes are cut
+into 8 stripes of G / 8 tokens; the k-th codes of the 8 stripes form one little-endian word of 8 * b
+bits (b = A or 8 - A) whose b bytes go to the segment's b planes: plane j holds byte j of every word.
+For b = 4 that is nibble packing: plane 0 byte k = stripe0[k] | stripe1[k] << 4.
 
 The Triton kernels in ``triton_kernels`` produce bit-identical outputs; every floating point step here
 is chosen so that no compiler can legally change it (no a * b + c that could fuse into an FMA unless
@@ -22,6 +24,7 @@ the product is exact, and IEEE division).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -32,41 +35,92 @@ ROUNDING_BIAS_BITS = 0x4B000000  # the encoding of 2.0**23 as a float32
 # The float work runs over chunks of about this many elements in one reused buffer, which stays in
 # cache; full-size temporaries would also cost page faults on every call.
 CHUNK_ELEMENTS = 1 << 20
+# Scales: SCALE_MANTISSA_BITS of mantissa and an exponent up to MAX_OFFSET binades below a shared one.
+SCALE_MANTISSA_BITS = 5
+MAX_OFFSET = 7
+MIN_EXPONENT = MAX_OFFSET + 1
+FLOAT32_MANTISSA_BITS = 23
+SCALE_SHIFT = FLOAT32_MANTISSA_BITS - SCALE_MANTISSA_BITS  # the scale mantissa's place in a float32
+FLOAT32_INF_BITS = 0x7F800000
+
+
+class Meta(NamedTuple):
+    """The metadata of nb blocks; in the metadata buffer each block holds these three, in this order."""
+
+    zero: torch.Tensor  # float16 [nb, 2, L, H, D]: each group's minimum, rounded down
+    scale: torch.Tensor  # uint8 [nb, 2, L, H, D]: the group's scale code (encode_scale)
+    exponent: torch.Tensor  # uint8 [nb, 2, L, H]: the exponent its head's scale codes are relative to
+
+
+def meta_block_nbytes(num_layers: int, num_heads: int, head_dim: int) -> int:
+    return 2 * num_layers * num_heads * (3 * head_dim + 1)
+
+
+def meta_views(blocks: torch.Tensor, num_layers: int, num_heads: int, head_dim: int) -> Meta:
+    """uint8 [nb, meta_block_nbytes] (one row per block) -> Meta of views into it."""
+    nb, (L, H, D) = blocks.shape[0], (num_layers, num_heads, head_dim)
+    n = 2 * L * H * D
+    return Meta(blocks[:, : 2 * n].view(torch.float16).view(nb, 2, L, H, D),
+                blocks[:, 2 * n: 3 * n].view(nb, 2, L, H, D),
+                blocks[:, 3 * n:].view(nb, 2, L, H))
 
 
 def fp16_floor(x: torch.Tensor) -> torch.Tensor:
-    """The largest float16 <= x (float32)."""
-    return _fp16_step(x, x.to(torch.float16), -1)
+    """The largest float16 <= x (float32).
 
-
-def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
-    """The smallest float16 >= x (float32)."""
-    return _fp16_step(x, x.to(torch.float16), 1)
-
-
-def _fp16_step(x: torch.Tensor, h: torch.Tensor, direction: int) -> torch.Tensor:
-    """h (x rounded to nearest) moved one float16 in direction where it lies on the wrong side of x.
-
-    On the sign-magnitude bits, one float16 up is +1 for a positive h and -1 for a negative one, i.e.
-    sign(bits | 1) (the int16 view of a negative float is negative). Rounding keeps the sign of x, so
-    h = +-0 never has to cross zero. Bit arithmetic: torch.where and torch.nextafter are slow on CPUs.
+    x rounded to nearest, moved one float16 down where it lies above x. On the sign-magnitude bits one
+    float16 down is -1 for a positive number and +1 for a negative one, i.e. -sign(bits | 1) (the int16
+    view of a negative float is negative). Rounding keeps the sign of x, so h = +-0 never has to cross
+    zero. Bit arithmetic: torch.where and torch.nextafter are slow on CPUs.
     """
+    h = x.to(torch.float16)
     bits = h.view(torch.int16)
-    wrong_side = h.float() > x if direction < 0 else h.float() < x
-    step = (bits | 1).sign_().mul_(direction).mul_(wrong_side)
+    step = (bits | 1).sign_().neg_().mul_(h.float() > x)
     return (bits + step).view(torch.float16)
 
 
-def scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric float16 (scale, zero) covering [lo, hi] with 2**bits codes.
+def group_metadata(lo: torch.Tensor, hi: torch.Tensor, bits: int, shared_dims) -> tuple[torch.Tensor, ...]:
+    """(zero, scale code, exponent) of asymmetric quantization covering [lo, hi] with 2**bits codes.
 
-    zero is rounded down and scale up, so every value of the group maps into [0, 2**bits - 1] without
-    clamping. A non-finite group (NaN, +-Inf, or a minimum beyond float16) gives a non-finite result.
-    Adding 0.0 folds -0.0 into +0.0, so that implementations of min/max agree on the bits.
+    zero is the float16 minimum rounded down and the scale (max - zero) / (2**bits - 1) is rounded up
+    (encode_scale, its exponent shared along shared_dims), so every value of the group maps into
+    [0, 2**bits - 1] without clamping. A non-finite group (NaN, +-Inf, or a minimum beyond float16)
+    gives a non-finite zero or an exponent of 255. Adding 0.0 folds -0.0 into +0.0, so that
+    implementations of min/max agree on the bits.
     """
     zero = fp16_floor(lo.float() + 0.0)
-    scale = fp16_ceil((hi.float() + 0.0 - zero.float()) / (2**bits - 1))
-    return scale, zero
+    code, exponent = encode_scale((hi.float() + 0.0 - zero.float()) / (2**bits - 1), shared_dims)
+    return zero, code, exponent
+
+
+def encode_scale(s: torch.Tensor, shared_dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 scales s >= 0 -> (codes uint8, shaped as s; exponents uint8, s reduced over shared_dims).
+
+    Every s is rounded up to SCALE_MANTISSA_BITS bits of mantissa, (1 + m / 32) * 2**(e - 127) with e
+    its float32 exponent field, at most 1/32 above s. The exponents along shared_dims are stored once,
+    as E = the largest e (at least MIN_EXPONENT), and each scale as code = (E - e) << 5 | m. A scale more
+    than 7 binades below E is raised to 2**(E - 7 - 127), the smallest a code can hold, which still
+    covers its group. Non-finite s give E = 255: an infinite scale.
+    """
+    bits = (s.view(torch.int32) & 0x7FFFFFFF).clamp_(max=FLOAT32_INF_BITS)  # NaN (of any sign) -> +inf
+    bits = (bits + (2**SCALE_SHIFT - 1)) & -(2**SCALE_SHIFT)  # round up; the carry may raise e
+    e = bits >> FLOAT32_MANTISSA_BITS
+    exponent = torch.amax(e, shared_dims, keepdim=True).clamp_(min=MIN_EXPONENT)
+    offset = exponent - e
+    code = torch.where(offset <= MAX_OFFSET, (offset << SCALE_MANTISSA_BITS) | ((bits >> SCALE_SHIFT) & 31),
+                       MAX_OFFSET << SCALE_MANTISSA_BITS)
+    return code.to(torch.uint8), exponent.to(torch.uint8)
+
+
+def decode_scale(code: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """The float32 scales that encode_scale's codes stand for (exponent broadcast against code).
+
+    Built on the bits, so it is exact; MIN_EXPONENT keeps every exponent field >= 1 (a normal float).
+    """
+    code = code.int()
+    bits = (exponent.int() - (code >> SCALE_MANTISSA_BITS)) << FLOAT32_MANTISSA_BITS
+    bits |= (code & 31) << SCALE_SHIFT
+    return bits.view(torch.float32)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -81,13 +135,14 @@ def _biased_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out=
     and the code lands in the low bits of the float's encoding (cheaper on CPUs than round() and a
     float to integer conversion).
     """
-    inv = torch.reciprocal(scale.float()).nan_to_num_(posinf=0.0)  # a constant group gets code 0
+    inv = torch.reciprocal(scale.float())  # scales are never 0 (see decode_scale)
     return torch.sub(x, zero.float(), out=out).mul_(inv).add_(ROUNDING_BIAS).view(torch.int32)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out=None) -> torch.Tensor:
     """codes * scale + zero in float32 (into out, if given). codes (whole sixteenths below 2**12)
-    times a float16 scale is exact, so this rounds once whether or not the multiply-add is fused."""
+    times a scale (6 significant bits) is exact, so this rounds once whether or not the multiply-add
+    is fused."""
     if out is None:
         out = torch.empty(codes.shape, device=codes.device)
     out.copy_(codes)
@@ -142,7 +197,7 @@ def _bit_groups(t: torch.Tensor, bits: int) -> torch.Tensor:
 def quantize_split(kv: torch.Tensor, anchor_bits: int, group_size: int, out=None):
     """INT8-quantize kv per (channel, block of G tokens) and split every code into Anchor and Residual planes.
 
-    Returns (anchor, residual, scale_zero) as described in the module docstring, written into out if
+    Returns (anchor, residual, meta) as described in the module docstring, written into out if
     given. The last block is padded with copies of the last token, which leaves every group's range
     unchanged.
     """
@@ -150,7 +205,7 @@ def quantize_split(kv: torch.Tensor, anchor_bits: int, group_size: int, out=None
     G, A = group_size, anchor_bits
     R = CODE_BITS - A
     anchor, residual, meta = out if out is not None else empty_planes(kv, A, G)
-    anchor, residual, meta = anchor.flatten(1, 2), residual.flatten(1, 2), meta.flatten(1, 2)  # slices K0..V(L-1)
+    anchor, residual = anchor.flatten(1, 2), residual.flatten(1, 2)  # slices K0..V(L-1)
     nb = anchor.shape[0]
     x = kv.reshape(2 * L, T, H, D)
     chunks, work = _chunks(2 * L, nb, G * H * D, kv.device)
@@ -158,37 +213,34 @@ def quantize_split(kv: torch.Tensor, anchor_bits: int, group_size: int, out=None
     def tokens(s: slice, b: slice) -> torch.Tensor:  # [S, B, G, H, D]
         return pad_tokens(x[s, b.start * G: b.stop * G], (b.stop - b.start) * G).unflatten(1, (-1, G))
 
-    # Every group's range, chunk by chunk; then all scales and zeros at once.
-    lo, hi = kv.new_empty((2, 2 * L, nb, H, D))
-    for s, b in chunks:
-        torch.amin(tokens(s, b), 2, out=lo[s, b])
-        torch.amax(tokens(s, b), 2, out=hi[s, b])
-    scale, zero = scale_zero(lo, hi, CODE_BITS)  # [S, nb, H, D]
-    meta[..., 0], meta[..., 1] = scale.transpose(0, 1), zero.transpose(0, 1)
-
+    # Slice-major views of the metadata fields, to be written chunk by chunk.
+    fields = [field.view(nb, 2 * L, *field.shape[3:]).transpose(0, 1) for field in meta]
     code_work = torch.empty((2, work.numel()), dtype=torch.uint8, device=kv.device)
     for s, b in chunks:
-        xs = tokens(s, b)
-        biased = _biased_codes(xs, scale[s, b].unsqueeze(2), zero[s, b].unsqueeze(2),
-                               out=work[: xs.numel()].view(xs.shape))
+        xs = tokens(s, b)  # read from memory once: the range, then the codes while it is in cache
+        zero, scale_code, exponent = group_metadata(xs.amin(2), xs.amax(2), CODE_BITS, -1)  # [S, B, H, D]
+        for field, value in zip(fields, (zero, scale_code, exponent.squeeze(-1))):
+            field[s, b] = value
+        scale = decode_scale(scale_code, exponent)
+        biased = _biased_codes(xs, scale.unsqueeze(2), zero.unsqueeze(2), out=work[: xs.numel()].view(xs.shape))
         # Block-major codes [B, S, 8 stripes, G / 8 * H * D]; int32 -> uint8 keeps the low byte: the code.
         codes, high = code_work[:, : xs.numel()].view(2, b.stop - b.start, -1, STRIPES, anchor.shape[-1])
         codes.view(biased.transpose(0, 1).shape).copy_(biased.transpose(0, 1))
         pack_bits(torch.bitwise_right_shift(codes, R, out=high), A, out=anchor[b, s])
         pack_bits(codes.bitwise_and_(2**R - 1), R, out=residual[b, s])
-    return anchor.unflatten(1, (2, L)), residual.unflatten(1, (2, L)), meta.unflatten(1, (2, L))
+    return anchor.unflatten(1, (2, L)), residual.unflatten(1, (2, L)), meta
 
 
 def empty_planes(kv: torch.Tensor, anchor_bits: int, group_size: int):
-    """Uninitialised (anchor, residual, scale_zero) for kv, shaped as the module docstring says."""
+    """Uninitialised (anchor, residual, meta) for kv, shaped as the module docstring says."""
     _, L, T, H, D = kv.shape
     nb, n = -(-T // group_size), group_size * H * D // STRIPES
     return (kv.new_empty((nb, 2, L, anchor_bits, n), dtype=torch.uint8),
             kv.new_empty((nb, 2, L, CODE_BITS - anchor_bits, n), dtype=torch.uint8),
-            kv.new_empty((nb, 2, L, H, D, 2), dtype=torch.float16))
+            meta_views(kv.new_empty((nb, meta_block_nbytes(L, H, D)), dtype=torch.uint8), L, H, D))
 
 
-def dequant_anchor(anchor, scale_zero, table, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
+def dequant_anchor(anchor, meta: Meta, table, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
     """Anchor-only reconstruction: Anchor value a of slice s stands for code a * 2**R + table[s, a]."""
     A = anchor.shape[-2]
     R = CODE_BITS - A
@@ -201,10 +253,10 @@ def dequant_anchor(anchor, scale_zero, table, num_tokens: int, dtype=torch.float
         a += (torch.arange(s.start, s.stop, device=a.device) * 2**A).view(1, -1, 1, 1)
         return points.index_select(0, a.view(-1)).view(a.shape)
 
-    return _dequantize(codes, scale_zero, _group_size(anchor, scale_zero), num_tokens, dtype, out)
+    return _dequantize(codes, meta, _group_size(anchor, meta), num_tokens, dtype, out)
 
 
-def merge_dequant(anchor, residual, scale_zero, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
+def merge_dequant(anchor, residual, meta: Meta, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
     """Merge Anchor and Residual back into the INT8 codes and dequantize them."""
     A, R = anchor.shape[-2], residual.shape[-2]
     anchor, residual = anchor.flatten(1, 2), residual.flatten(1, 2)
@@ -212,7 +264,7 @@ def merge_dequant(anchor, residual, scale_zero, num_tokens: int, dtype=torch.flo
     def codes(s: slice, b: slice) -> torch.Tensor:
         return (unpack_bits(anchor[b, s], A) << R).bitwise_or_(unpack_bits(residual[b, s], R))
 
-    return _dequantize(codes, scale_zero, _group_size(anchor, scale_zero), num_tokens, dtype, out)
+    return _dequantize(codes, meta, _group_size(anchor, meta), num_tokens, dtype, out)
 
 
 def pad_tokens(x: torch.Tensor, padded: int) -> torch.Tensor:
@@ -236,26 +288,27 @@ def _chunks(num_slices: int, num_blocks: int, block_elements: int, device):
     return chunks, torch.empty(largest, device=device)
 
 
-def _group_size(planes: torch.Tensor, scale_zero: torch.Tensor) -> int:
-    H, D = scale_zero.shape[-3:-1]
+def _group_size(planes: torch.Tensor, meta: Meta) -> int:
+    H, D = meta.zero.shape[-2:]
     return planes.shape[-1] * STRIPES // (H * D)  # n = G * H * D / 8
 
 
-def _dequantize(codes, scale_zero, group_size: int, num_tokens: int, dtype, out) -> torch.Tensor:
+def _dequantize(codes, meta: Meta, group_size: int, num_tokens: int, dtype, out) -> torch.Tensor:
     """kv [2, L, T, H, D] (into out, if given) from codes(slices, blocks): the block-major codes
     [B, S, 8, n] there."""
-    nb, _, L, H, D, _ = scale_zero.shape
+    nb, _, L, H, D = meta.zero.shape
     G = group_size
-    scale_zero = scale_zero.flatten(1, 2)
+    zero, scale_code, exponent = (field.flatten(1, 2) for field in meta)
     if out is None:
-        out = torch.empty((2, L, num_tokens, H, D), dtype=dtype, device=scale_zero.device)
+        out = torch.empty((2, L, num_tokens, H, D), dtype=dtype, device=zero.device)
     result, out = out, out.view(2 * L, num_tokens, H, D)
-    chunks, work = _chunks(2 * L, nb, G * H * D, scale_zero.device)
+    chunks, work = _chunks(2 * L, nb, G * H * D, zero.device)
     for s, b in chunks:
         c = codes(s, b)
         c = c.view(c.shape[0], c.shape[1], -1, H, D).transpose(0, 1)  # [S, B, G, H, D]
-        sz = scale_zero[b, s].transpose(0, 1).unsqueeze(2)  # [S, B, 1, H, D, 2]
-        x = dequantize(c, sz[..., 0], sz[..., 1], out=work[: c.numel()].view(c.shape))
+        scale = decode_scale(scale_code[b, s], exponent[b, s].unsqueeze(-1))
+        x = dequantize(c, scale.transpose(0, 1).unsqueeze(2), zero[b, s].transpose(0, 1).unsqueeze(2),
+                       out=work[: c.numel()].view(c.shape))  # scale, zero: [S, B, 1, H, D]
         first, last = b.start * G, min(b.stop * G, num_tokens)
         out[s, first:last] = x.flatten(1, 2)[:, : last - first]
     return result

@@ -18,29 +18,23 @@ from .reference import empty_planes
 # Globals used inside kernels must be constexpr.
 CODE_BITS = tl.constexpr(reference.CODE_BITS)
 STRIPES = tl.constexpr(reference.STRIPES)
+SCALE_MANTISSA_BITS = tl.constexpr(reference.SCALE_MANTISSA_BITS)
+MAX_OFFSET = tl.constexpr(reference.MAX_OFFSET)
+MIN_EXPONENT = tl.constexpr(reference.MIN_EXPONENT)
+FLOAT32_MANTISSA_BITS = tl.constexpr(reference.FLOAT32_MANTISSA_BITS)
+SCALE_SHIFT = tl.constexpr(reference.SCALE_SHIFT)
+FLOAT32_INF_BITS = tl.constexpr(reference.FLOAT32_INF_BITS)
 
 
 @triton.jit
 def _fp16_floor(x):
     """The largest float16 <= x (float32); as reference.fp16_floor."""
     h = x.to(tl.float16)
-    return tl.where(h.to(tl.float32) > x, _fp16_step(h, -1), h)
-
-
-@triton.jit
-def _fp16_ceil(x):
-    """The smallest float16 >= x (float32); as reference.fp16_ceil."""
-    h = x.to(tl.float16)
-    return tl.where(h.to(tl.float32) < x, _fp16_step(h, 1), h)
-
-
-@triton.jit
-def _fp16_step(h, direction: tl.constexpr):
-    # One float16 up is +1 on the bits of a positive number, -1 on those of a negative one (rounding
+    # One float16 down is -1 on the bits of a positive number, +1 on those of a negative one (rounding
     # keeps the sign, so h = +-0 never has to cross zero).
     bits = h.to(tl.int16, bitcast=True)
-    step = tl.where(bits < 0, -direction, direction).to(tl.int16)
-    return (bits + step).to(tl.float16, bitcast=True)
+    down = (bits + tl.where(bits < 0, 1, -1).to(tl.int16)).to(tl.float16, bitcast=True)
+    return tl.where(h.to(tl.float32) > x, down, h)
 
 
 @triton.jit
@@ -59,12 +53,30 @@ def _to_bfloat16(x):
 
 
 @triton.jit
-def _scale_zero(lo, hi, bits: tl.constexpr):
-    """As reference.scale_zero: float16 zero rounded down, scale rounded up."""
+def _group_metadata(lo, hi, valid, bits: tl.constexpr):
+    """As reference.group_metadata over one head's channels (those where valid): float16 zero rounded
+    down, scale code and the head's exponent (the scale rounded up)."""
     zero = _fp16_floor(lo + 0.0)  # + 0.0 folds -0.0 into +0.0
     levels = tl.full(lo.shape, 2**bits - 1, tl.float32)
-    scale = _fp16_ceil(tl.math.div_rn((hi + 0.0) - zero.to(tl.float32), levels))
-    return scale, zero
+    s = tl.math.div_rn((hi + 0.0) - zero.to(tl.float32), levels)
+    # As reference.encode_scale, on the bits.
+    s_bits = tl.minimum(s.to(tl.int32, bitcast=True) & 0x7FFFFFFF, FLOAT32_INF_BITS)
+    s_bits = (s_bits + (2**SCALE_SHIFT - 1)) & -(2**SCALE_SHIFT)
+    e = s_bits >> FLOAT32_MANTISSA_BITS
+    exponent = tl.maximum(tl.max(tl.where(valid, e, 0), axis=0), MIN_EXPONENT)
+    offset = exponent - e
+    code = tl.where(offset <= MAX_OFFSET, (offset << SCALE_MANTISSA_BITS) | ((s_bits >> SCALE_SHIFT) & 31),
+                    MAX_OFFSET << SCALE_MANTISSA_BITS)
+    return zero, code, exponent
+
+
+@triton.jit
+def _decode_scale(code, exponent):
+    """As reference.decode_scale."""
+    code = code.to(tl.int32)
+    bits = (exponent.to(tl.int32) - (code >> SCALE_MANTISSA_BITS)) << FLOAT32_MANTISSA_BITS
+    bits |= (code & 31) << SCALE_SHIFT
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -82,7 +94,8 @@ def _program(H, G: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _quantize_split_kernel(kv_ptr, anchor_ptr, residual_ptr, meta_ptr, T, S, H, D,
+def _quantize_split_kernel(kv_ptr, anchor_ptr, residual_ptr, zero_ptr, scale_ptr, exponent_ptr,
+                           zero_stride, scale_stride, exponent_stride, T, S, H, D,
                            G: tl.constexpr, BLOCK_D: tl.constexpr, A: tl.constexpr):
     R: tl.constexpr = CODE_BITS - A
     TOKENS: tl.constexpr = G // STRIPES  # tokens per stripe
@@ -97,14 +110,16 @@ def _quantize_split_kernel(kv_ptr, anchor_ptr, residual_ptr, meta_ptr, T, S, H, 
     lo = tl.min(tl.min(x, axis=1), axis=0)
     hi = tl.max(tl.max(x, axis=1), axis=0)
     poison = tl.sum(tl.sum(x * 0.0, axis=1), axis=0)
-    scale, zero = _scale_zero(tl.where(poison == 0.0, lo, poison), hi, CODE_BITS)
     channel = tl.arange(0, BLOCK_D)
-    meta = meta_ptr + (((blk * S + slc) * H + head) * D + channel) * 2
-    tl.store(meta, scale, mask=channel < D)
-    tl.store(meta + 1, zero, mask=channel < D)
+    valid = channel < D
+    zero, scale_code, exponent = _group_metadata(tl.where(poison == 0.0, lo, poison), hi, valid, CODE_BITS)
+    group = (slc * H + head) * D + channel
+    tl.store(zero_ptr + blk * zero_stride + group, zero, mask=valid)
+    tl.store(scale_ptr + blk * scale_stride + group, scale_code.to(tl.uint8), mask=valid)
+    tl.store(exponent_ptr + blk * exponent_stride + slc * H + head, exponent.to(tl.uint8))
 
-    scale = scale.to(tl.float32)
-    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
+    scale = _decode_scale(scale_code, exponent)
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)  # scales are never 0
     codes = _round_half_even((x - zero.to(tl.float32)[None, None, :]) * inv[None, None, :])
     codes = tl.reshape(codes, [STRIPES, TOKENS * BLOCK_D]).to(tl.int64)
 
@@ -133,7 +148,8 @@ def _unpack(seg_ptr, byte, mask, n, BITS: tl.constexpr):
 
 
 @triton.jit
-def _dequant_kernel(anchor_ptr, residual_ptr, meta_ptr, table_ptr, out_ptr, T, S, H, D,
+def _dequant_kernel(anchor_ptr, residual_ptr, zero_ptr, scale_ptr, exponent_ptr, table_ptr, out_ptr,
+                    zero_stride, scale_stride, exponent_stride, T, S, H, D,
                     G: tl.constexpr, BLOCK_D: tl.constexpr, A: tl.constexpr, MERGE: tl.constexpr):
     R: tl.constexpr = CODE_BITS - A
     blk, slc, head, t, d, row = _program(H, G, BLOCK_D)
@@ -147,9 +163,10 @@ def _dequant_kernel(anchor_ptr, residual_ptr, meta_ptr, table_ptr, out_ptr, T, S
     else:
         codes = (a << R).to(tl.float32) + tl.load(table_ptr + slc * 2**A + a).to(tl.float32)
 
-    meta = meta_ptr + (((blk * S + slc) * H + head) * D + d) * 2
-    scale = tl.load(meta, mask=in_d, other=0.0).to(tl.float32)
-    zero = tl.load(meta + 1, mask=in_d, other=0.0).to(tl.float32)
+    group = (slc * H + head) * D + d
+    exponent = tl.load(exponent_ptr + blk * exponent_stride + slc * H + head)
+    scale = _decode_scale(tl.load(scale_ptr + blk * scale_stride + group, mask=in_d, other=0), exponent)
+    zero = tl.load(zero_ptr + blk * zero_stride + group, mask=in_d, other=0.0).to(tl.float32)
     x = codes * scale[None, :] + zero[None, :]  # the product is exact, so an FMA changes nothing
     if out_ptr.dtype.element_ty == tl.bfloat16:
         x = _to_bfloat16(x)
@@ -172,26 +189,34 @@ def quantize_split(kv: torch.Tensor, anchor_bits: int, group_size: int, out=None
     _, L, T, H, D = kv.shape
     anchor, residual, meta = out if out is not None else empty_planes(kv, anchor_bits, group_size)
     grid, block_d = _launch_shape(triton.cdiv(T, group_size), 2 * L, H, D)
-    _quantize_split_kernel[grid](kv, anchor, residual, meta, T, 2 * L, H, D,
+    _quantize_split_kernel[grid](kv, anchor, residual, *meta, *_block_strides(meta), T, 2 * L, H, D,
                                  G=group_size, BLOCK_D=block_d, A=anchor_bits)
     return anchor, residual, meta
 
 
-def _dequant(anchor, residual, scale_zero, table, num_tokens, dtype, out, merge):
+def _block_strides(meta: reference.Meta) -> list[int]:
+    """Each field's stride between blocks: its blocks are rows of one buffer or separate tensors."""
+    for field in meta:
+        if not field[0].is_contiguous():
+            raise ValueError("each block of every metadata field must be contiguous")
+    return [field.stride(0) for field in meta]
+
+
+def _dequant(anchor, residual, meta, table, num_tokens, dtype, out, merge):
     _check_device(anchor)
     nb, _, L, A, n = anchor.shape
-    H, D = scale_zero.shape[-3:-1]
+    H, D = meta.zero.shape[-2:]
     if out is None:
         out = torch.empty((2, L, num_tokens, H, D), dtype=dtype, device=anchor.device)
     grid, block_d = _launch_shape(nb, 2 * L, H, D)
-    _dequant_kernel[grid](anchor, residual, scale_zero, table, out, num_tokens, 2 * L, H, D,
+    _dequant_kernel[grid](anchor, residual, *meta, table, out, *_block_strides(meta), num_tokens, 2 * L, H, D,
                           G=n * reference.STRIPES // (H * D), BLOCK_D=block_d, A=A, MERGE=merge)
     return out
 
 
-def dequant_anchor(anchor, scale_zero, table, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
-    return _dequant(anchor, anchor, scale_zero, table, num_tokens, dtype, out, merge=False)
+def dequant_anchor(anchor, meta, table, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
+    return _dequant(anchor, anchor, meta, table, num_tokens, dtype, out, merge=False)
 
 
-def merge_dequant(anchor, residual, scale_zero, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
-    return _dequant(anchor, residual, scale_zero, scale_zero, num_tokens, dtype, out, merge=True)
+def merge_dequant(anchor, residual, meta, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
+    return _dequant(anchor, residual, meta, meta.zero, num_tokens, dtype, out, merge=True)

@@ -47,15 +47,31 @@ def kv_cases(draw, max_tokens=150):
     return codec, kv
 
 
+def flat(outputs) -> list[torch.Tensor]:
+    """quantize_split's (anchor, residual, Meta) as a list of tensors."""
+    anchor, residual, meta = outputs
+    return [anchor, residual, *meta]
+
+
 def per_element(codec: Codec, meta: torch.Tensor, T: int):
     """(scale, zero) of every element's group, float32 [2, L, T, H, D], read from meta as documented:
-    after the header, block after block, float16 (scale, zero) per (K/V, layer, head, channel)."""
-    nb = codec.num_blocks(T)
-    sz = meta[codec.meta_header_nbytes:].view(torch.float16).float()
-    sz = sz.view(nb, 2, codec.num_layers, codec.num_heads, codec.head_dim, 2)
-    sz = sz.permute(1, 2, 0, 3, 4, 5).unsqueeze(3).expand(-1, -1, -1, codec.group_size, -1, -1, -1)
-    sz = sz.reshape(2, codec.num_layers, nb * codec.group_size, codec.num_heads, codec.head_dim, 2)[:, :, :T]
-    return sz[..., 0], sz[..., 1]
+    after the header, block after block: float16 zero per (K/V, layer, head, channel), then the scale
+    codes (offset << 5 | mantissa) in the same order, then one exponent E per (K/V, layer, head);
+    scale = (1 + mantissa / 32) * 2**(E - offset - 127)."""
+    nb, L, H, D = codec.num_blocks(T), codec.num_layers, codec.num_heads, codec.head_dim
+    blocks = meta[codec.meta_header_nbytes:].view(nb, -1)
+    n = 2 * L * H * D
+    zero = blocks[:, : 2 * n].contiguous().view(torch.float16).double().view(nb, 2, L, H, D)
+    code = blocks[:, 2 * n: 3 * n].double().view(nb, 2, L, H, D)
+    exponent = blocks[:, 3 * n:].double().view(nb, 2, L, H, 1)
+    offset, mantissa = torch.div(code, 32, rounding_mode="floor"), code % 32
+    scale = (1 + mantissa / 32) * torch.pow(2.0, exponent - offset - 127)
+
+    def per_token(x):  # [nb, 2, L, H, D] -> [2, L, T, H, D]
+        x = x.permute(1, 2, 0, 3, 4).unsqueeze(3).expand(-1, -1, -1, codec.group_size, -1, -1)
+        return x.reshape(2, L, nb * codec.group_size, H, D)[:, :, :T].float()
+
+    return per_token(scale), per_token(zero)
 
 
 def rounding_slack(kv, scale, zero):
@@ -122,7 +138,7 @@ def test_mean_rule_beats_the_centre_rule_on_bell_shaped_groups():
     planes = codec.encode(kv)
     centre = codec.decode_anchor(planes.anchor, planes.meta, 512, table=centre_table(2, 4))
     mean = codec.decode_anchor(planes.anchor, planes.meta, 512)
-    assert (mean - kv).square().sum() < 0.97 * (centre - kv).square().sum()
+    assert (mean - kv).square().sum() < 0.99 * (centre - kv).square().sum()
 
 
 # --- the byte layout ------------------------------------------------------------------------------
@@ -136,7 +152,8 @@ def test_buffer_sizes_are_known_from_the_token_count_alone(T):
     codes_per_block = 2 * 3 * 64 * 2 * 24  # K/V x layers x tokens x heads x head_dim
     assert codec.anchor_block_nbytes == codes_per_block * 3 // 8
     assert codec.residual_block_nbytes == codes_per_block * 5 // 8
-    assert codec.meta_block_nbytes == 2 * 3 * 2 * 24 * 4  # float16 scale + zero per group of 64 elements
+    # Per group of 64 elements a float16 zero and an 8-bit scale; per head one exponent.
+    assert codec.meta_block_nbytes == 2 * 3 * 2 * (24 * 3 + 1)
     assert codec.meta_header_nbytes == 2 * 3 * 2**3 * 2  # float16 table of 2**A entries per K/V layer
     assert planes.anchor.numel() == codec.anchor_nbytes(T) == blocks * codec.anchor_block_nbytes
     assert planes.residual.numel() == codec.residual_nbytes(T) == blocks * codec.residual_block_nbytes
@@ -183,21 +200,34 @@ def test_a_prefix_of_whole_blocks_decodes_on_its_own():
     assert torch.equal(codec.decode_anchor(anchor, meta, T), full_anchor[:, :, :T])
 
 
-def test_metadata_holds_the_float16_scale_and_zero_of_each_channel_over_each_block():
+def test_metadata_holds_each_channel_s_float16_minimum_and_a_scale_covering_its_range_over_each_block():
     codec = Codec(1, 1, 4, group_size=8)
     kv = random_kv(3, 1, 11, 1, 4)
     planes = codec.encode(kv)
-    _, scale_zero = codec.split_meta(planes.meta, 11)
+    scale, zero = per_element(codec, planes.meta, 11)
     block1 = kv[:, :, 8:11]  # the last block: tokens 8-10, padded with copies of token 10
-    scale, zero = reference.scale_zero(block1.amin(2), block1.amax(2), 8)
-    assert torch.equal(scale_zero[1, ..., 0], scale) and torch.equal(scale_zero[1, ..., 1], zero)
-    assert (zero.float() <= block1.amin(2)).all() and (zero.float() + 255 * scale.float() >= block1.amax(2)).all()
+    lo, hi = block1.amin(2), block1.amax(2)
+    assert torch.equal(zero[:, :, 8], reference.fp16_floor(lo).float())
+    exact = (hi - zero[:, :, 8]) / 255
+    assert (scale[:, :, 8] >= exact).all() and (scale[:, :, 8] <= exact * (1 + 1 / 32)).all()
+
+
+def test_scales_keep_5_mantissa_bits_and_share_an_exponent_reaching_7_binades_down():
+    s = torch.tensor([[3.0, 3.01, 2.0**-5, 2.0**-6 * 1.9, 1e-30, 0.0]])  # one head's channels
+    code, exponent = reference.encode_scale(s, -1)
+    assert exponent.tolist() == [[128]]  # 3.01 rounds up to 3.0625 = 1.53125 * 2**1 (field 128)
+    scale = reference.decode_scale(code, exponent)
+    # Rounded up to 5 mantissa bits; 8 binades and more below the largest: raised to 2**(1 - 7).
+    assert scale.tolist() == [[3.0, 3.0625, 2.0**-5, 2.0**-6 * 1.90625, 2.0**-6, 2.0**-6]]
+    code, exponent = reference.encode_scale(torch.tensor([math.inf, math.nan, 1.0]), 0)
+    assert exponent.item() == 255 and reference.decode_scale(code, exponent)[0] == math.inf
 
 
 def test_anchor_and_residual_are_the_high_and_low_bits_of_each_code():
     kv = random_kv(4, 2, 8, 3, 4)  # one block of G = 8 tokens, so stripe i is token i
-    anchor, residual, scale_zero = lynx_kernels.quantize_split(kv, anchor_bits=3, group_size=8)
-    scale, zero = scale_zero[0, :, :, None, :, :, 0], scale_zero[0, :, :, None, :, :, 1]  # [2, L, 1, H, D]
+    anchor, residual, meta = lynx_kernels.quantize_split(kv, anchor_bits=3, group_size=8)
+    scale = reference.decode_scale(meta.scale[0], meta.exponent[0].unsqueeze(-1)).unsqueeze(2)  # [2, L, 1, H, D]
+    zero = meta.zero[0].unsqueeze(2)
     codes = reference.quantize(kv, scale, zero).to(torch.uint8).flatten(3)  # [K/V, L, token, head * channel]
     assert torch.equal(reference.unpack_bits(anchor[0], 3), codes >> 5)
     assert torch.equal(reference.unpack_bits(residual[0], 5), codes & 31)
@@ -248,14 +278,12 @@ def test_unpack_inverts_pack(bits, shape, n, seed):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.floats(-70000, 70000, allow_nan=False, width=32))
-def test_float16_floor_and_ceil_are_the_nearest_float16_on_each_side(value):
+@given(st.floats(-65504, 65504, allow_nan=False, width=32))
+def test_float16_floor_is_the_nearest_float16_below(value):
     x = torch.tensor([value], dtype=torch.float32)
-    down, up = reference.fp16_floor(x), reference.fp16_ceil(x)
-    assert down.dtype == up.dtype == torch.float16
-    assert down.float() <= x <= up.float()
+    down = reference.fp16_floor(x)
+    assert down.dtype == torch.float16 and down.float() <= x
     assert torch.nextafter(down, torch.tensor([math.inf], dtype=torch.float16)).float() > x or down.float() == x
-    assert torch.nextafter(up, torch.tensor([-math.inf], dtype=torch.float16)).float() < x or up.float() == x
 
 
 def test_codes_round_to_nearest_even():
@@ -264,12 +292,10 @@ def test_codes_round_to_nearest_even():
     assert codes.tolist() == [0, 0, 2, 2, 2, 254, 255]
 
 
-def test_a_constant_group_gets_scale_zero_and_decodes_exactly():
+def test_a_constant_group_decodes_exactly():
     codec = Codec(1, 1, 2, group_size=8)
     kv = torch.full((2, 1, 8, 1, 2), 0.375)
     planes = codec.encode(kv)
-    _, scale_zero = codec.split_meta(planes.meta, 8)
-    assert (scale_zero[..., 0] == 0).all()
     assert torch.equal(codec.decode_merged(planes.anchor, planes.residual, planes.meta, 8), kv)
     assert torch.equal(codec.decode_anchor(planes.anchor, planes.meta, 8), kv)
 
@@ -305,8 +331,8 @@ def test_decoding_to_a_narrower_dtype_rounds_the_float32_result_once(dtype):
 
 def test_backend_none_picks_the_reference_on_cpu_and_unknown_backends_are_rejected():
     kv = random_kv(6, 1, 16, 1, 8)
-    assert all(torch.equal(a, b) for a, b in zip(lynx_kernels.quantize_split(kv, 4, 8),
-                                                 reference.quantize_split(kv, 4, 8)))
+    assert all(torch.equal(a, b) for a, b in zip(flat(lynx_kernels.quantize_split(kv, 4, 8)),
+                                                 flat(reference.quantize_split(kv, 4, 8))))
     with pytest.raises(ValueError, match="backend must be one of reference, triton"):
         lynx_kernels.quantize_split(kv, 4, 8, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of reference, triton"):

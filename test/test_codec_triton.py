@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import lynx_kernels  # noqa: E402
 from sglang_lynx.codec import Codec  # noqa: E402
-from test_codec_reference import DTYPES, random_kv  # noqa: E402
+from test_codec_reference import DTYPES, flat, random_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 examples = settings(max_examples=25 if DEVICE == "cpu" else 100, deadline=None)
@@ -54,7 +54,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_quantize_split_is_bit_identical(case):
     kv, A, G = case
     ref, tri = both("quantize_split", kv, A, G)
-    assert all(same_bits(r, t) for r, t in zip(ref, tri))
+    assert all(same_bits(r, t) for r, t in zip(flat(ref), flat(tri)))
 
 
 @examples
@@ -62,12 +62,12 @@ def test_quantize_split_is_bit_identical(case):
 def test_dequantization_is_bit_identical(case, dtype):
     kv, A, G = case
     T = kv.shape[2]
-    anchor, residual, scale_zero = lynx_kernels.quantize_split(kv, A, G, backend="reference")
+    anchor, residual, meta = lynx_kernels.quantize_split(kv, A, G, backend="reference")
     g = torch.Generator().manual_seed(T)
     table = (torch.randint(0, (2 ** (8 - A) - 1) * 16 + 1, (2, kv.shape[1], 2**A), generator=g) / 16).half()
-    ref, tri = both("dequant_anchor", anchor, scale_zero, table.to(DEVICE), T, dtype)
+    ref, tri = both("dequant_anchor", anchor, meta, table.to(DEVICE), T, dtype)
     assert same_bits(ref, tri)
-    ref, tri = both("merge_dequant", anchor, residual, scale_zero, T, dtype)
+    ref, tri = both("merge_dequant", anchor, residual, meta, T, dtype)
     assert same_bits(ref, tri)
 
 
@@ -90,7 +90,7 @@ def test_signed_zeros_and_constant_groups_give_the_same_metadata_bits():
     kv[0, 0, 5, 0, 4] = -0.0  # a -0.0 among +0.0
     kv[1] = 0.25  # constant groups
     ref, tri = both("quantize_split", kv.to(DEVICE), 4, 16)
-    assert all(same_bits(r, t) for r, t in zip(ref, tri))
+    assert all(same_bits(r, t) for r, t in zip(flat(ref), flat(tri)))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -114,14 +114,15 @@ from triton.backends.compiler import GPUTarget
 from lynx_kernels import triton_kernels as k
 
 def compile(fn, pointers, **constexprs):
-    ints = dict.fromkeys(["T", "S", "H", "D"], "i32")
+    ints = dict.fromkeys(["zero_stride", "scale_stride", "exponent_stride", "T", "S", "H", "D"], "i32")
     signature = {**pointers, **ints, **dict.fromkeys(constexprs, "constexpr")}
     triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
 
-planes = {"anchor_ptr": "*u8", "residual_ptr": "*u8", "meta_ptr": "*fp16"}
-compile(k._quantize_split_kernel, {"kv_ptr": "*bf16", **planes}, G=64, BLOCK_D=128, A=3)
+planes = {"anchor_ptr": "*u8", "residual_ptr": "*u8"}
+meta = {"zero_ptr": "*fp16", "scale_ptr": "*u8", "exponent_ptr": "*u8"}
+compile(k._quantize_split_kernel, {"kv_ptr": "*bf16", **planes, **meta}, G=64, BLOCK_D=128, A=3)
 for out, merge in (("*fp32", True), ("*bf16", False)):
-    pointers = {**planes, "table_ptr": "*fp16", "out_ptr": out}
+    pointers = {**planes, **meta, "table_ptr": "*fp16", "out_ptr": out}
     compile(k._dequant_kernel, pointers, G=64, BLOCK_D=128, A=3, MERGE=merge)
 """
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import lynx_kernels
 from sglang_lynx.codec import Codec
 from sglang_lynx.codec.anchor_table import centre_table, estimate_table
-from sglang_lynx.codec.rtn import fake_quantize
+from sglang_lynx.codec.rtn import fake_quantize, metadata_bits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,7 +110,7 @@ def measure_accuracy(kv: torch.Tensor, codec: Codec, progress) -> dict:
         "anchor_over_int4": {part: errors["anchor"][part] / errors["int4"][part] for part in "kv"},
         "merge_exact": torch.equal(merged, int8),
         "grouping": {"chosen": f"{G}x1", "meaning": "tokens x channels of one head per group",
-                     "metadata_bits_per_element": 32 / G, "lowest_int8": lowest, "candidates": candidates},
+                     "metadata_bits_per_element": metadata_bits(G, D), "lowest_int8": lowest, "candidates": candidates},
     }
 
 
@@ -125,8 +125,8 @@ def bits_per_element(codec: Codec, num_tokens: int, elements: int) -> dict:
         "int8": anchor + residual + meta,
         "meta": meta,
         "meta_header": codec.meta_header_nbytes * 8 / elements,
-        "int4": 4 + 32 / codec.group_size,
-        "int4_naive": 4 + 32 / codec.head_dim,
+        "int4": 4 + metadata_bits(codec.group_size, codec.head_dim),
+        "int4_naive": 4 + metadata_bits(codec.head_dim, codec.head_dim),
     }
 
 
@@ -135,15 +135,15 @@ def measure_throughput(kv: torch.Tensor, codec: Codec, repeats: int) -> dict:
     clone also allocate theirs (fresh memory costs page faults: on CPUs that dominates)."""
     A, G, T, backend = codec.anchor_bits, codec.group_size, kv.shape[2], codec.backend
     planes = lynx_kernels.empty_planes(kv, A, G)
-    anchor, residual, scale_zero = lynx_kernels.quantize_split(kv, A, G, out=planes, backend=backend)
+    anchor, residual, meta = lynx_kernels.quantize_split(kv, A, G, out=planes, backend=backend)
     table = estimate_table(anchor, residual)
     copy, decoded = torch.empty_like(kv), torch.empty_like(kv)
     kernels = {
         "copy": lambda: copy.copy_(kv),
         "quantize_split": lambda: lynx_kernels.quantize_split(kv, A, G, out=planes, backend=backend),
-        "dequant_anchor": lambda: lynx_kernels.dequant_anchor(anchor, scale_zero, table, T, kv.dtype, decoded,
+        "dequant_anchor": lambda: lynx_kernels.dequant_anchor(anchor, meta, table, T, kv.dtype, decoded,
                                                               backend),
-        "merge_dequant": lambda: lynx_kernels.merge_dequant(anchor, residual, scale_zero, T, kv.dtype, decoded,
+        "merge_dequant": lambda: lynx_kernels.merge_dequant(anchor, residual, meta, T, kv.dtype, decoded,
                                                             backend),
         "encode": lambda: codec.encode(kv),  # the kernel, the anchor table, fresh buffers
         "clone": lambda: kv.clone(),
@@ -198,7 +198,7 @@ def format_table(r: dict) -> str:
         lines.append(f"  {name:<14}{k:>11.3e}{v:>11.3e}{k / e['int4']['k']:>11.3f}{v / e['int4']['v']:>11.3f}")
     lines.append(f"  merged == int8 bit for bit: {'yes' if r['merge_exact'] else 'NO'}")
     g = r["grouping"]
-    lines += ["", f"grouping (tokens x channels per group, {g['metadata_bits_per_element']} metadata bits "
+    lines += ["", f"grouping (tokens x channels per group, {g['metadata_bits_per_element']:.4f} metadata bits "
                   f"per element each): chosen {g['chosen']}; lowest INT8 vNMSE: K {g['lowest_int8']['k']}, "
                   f"V {g['lowest_int8']['v']}",
               f"  {'group':<8}{'int8 K':>11}{'int8 V':>11}{'int4 K':>11}{'int4 V':>11}"]

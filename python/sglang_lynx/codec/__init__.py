@@ -6,13 +6,14 @@
     kv_hat = codec.decode_merged(planes.anchor, planes.residual, planes.meta, T)  # == INT8, bit for bit
 
 Every code is INT8, quantized per (layer, K/V, head, channel) over a block of G tokens with a float16
-scale and zero. Its A high bits form the Anchor, its 8 - A low bits the Residual. All three buffers
-are block-major: block i (tokens i*G .. i*G + G - 1, the last block padded) is one fixed-size slice of
-each, so whole blocks can be sent, and decoded, separately; ``meta`` starts with a fixed-size header
-(the per-layer anchor reconstruction table). A prefix of whole blocks of the three buffers (plus the
-header) decodes on its own with num_tokens = the tokens those blocks hold. Transfer modes map to it as:
-``int8`` sends all three and calls decode_merged; ``int4`` sends Anchor + meta and calls decode_anchor;
-``lynx`` sends Anchor + meta first and the Residual after. The format is documented in docs/codec.md.
+zero and an 8-bit scale (its exponent relative to one shared per head and block: 3 bytes per group).
+Its A high bits form the Anchor, its 8 - A low bits the Residual. All three buffers are block-major:
+block i (tokens i*G .. i*G + G - 1, the last block padded) is one fixed-size slice of each, so whole
+blocks can be sent, and decoded, separately; ``meta`` starts with a fixed-size header (the per-layer
+anchor reconstruction table). A prefix of whole blocks of the three buffers (plus the header) decodes
+on its own with num_tokens = the tokens those blocks hold. Transfer modes map to it as: ``int8`` sends
+all three and calls decode_merged; ``int4`` sends Anchor + meta and calls decode_anchor; ``lynx`` sends
+Anchor + meta first and the Residual after. The format is documented in docs/codec.md.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from .anchor_table import estimate_table
 
 ANCHOR_BITS = range(2, 7)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-META_GROUP_NBYTES = 4  # float16 scale + float16 zero per group of G elements
 
 
 class Planes(NamedTuple):
@@ -66,7 +66,7 @@ class Codec:
         block_codes = 2 * num_layers * num_heads * group_size * head_dim
         self.anchor_block_nbytes = block_codes * anchor_bits // 8
         self.residual_block_nbytes = block_codes * self.residual_bits // 8
-        self.meta_block_nbytes = 2 * num_layers * num_heads * head_dim * META_GROUP_NBYTES
+        self.meta_block_nbytes = lynx_kernels.meta_block_nbytes(num_layers, num_heads, head_dim)
         self.meta_header_nbytes = 2 * num_layers * 2**anchor_bits * 2  # float16 table
 
     def __repr__(self) -> str:
@@ -104,14 +104,15 @@ class Codec:
             raise ValueError(f"out buffers must be on kv's device ({kv.device})")
         anchor = self._blocks(planes.anchor, "anchor", T, self.anchor_bits)
         residual = self._blocks(planes.residual, "residual", T, self.residual_bits)
-        table, scale_zero = self.split_meta(planes.meta, T)
-        lynx_kernels.quantize_split(kv, self.anchor_bits, self.group_size, out=(anchor, residual, scale_zero),
+        table, meta = self.split_meta(planes.meta, T)
+        lynx_kernels.quantize_split(kv, self.anchor_bits, self.group_size, out=(anchor, residual, meta),
                                     backend=self.backend)
-        # The kernels leave NaN/Inf in the metadata of a group holding any: checking it is cheap.
-        if not torch.isfinite(scale_zero).all():
+        # The kernels leave a non-finite zero or exponent 255 in the metadata of a group holding NaN or
+        # Inf: checking it is cheap.
+        if not (torch.isfinite(meta.zero).all() and (meta.exponent != 255).all()):
             if not torch.isfinite(kv).all():
                 raise ValueError("kv contains NaN or Inf; the Lynx codec cannot quantize it")
-            raise ValueError("kv has values beyond the float16 range of the codec's scale/zero metadata")
+            raise ValueError("kv has values beyond the float16 range of the codec's zero points")
         table.copy_(estimate_table(anchor, residual))
         return planes
 
@@ -122,8 +123,8 @@ class Codec:
         table overrides the reconstruction table of the meta header (e.g. anchor_table.centre_table).
         """
         anchor = self._blocks(anchor, "anchor", num_tokens, self.anchor_bits)
-        header_table, scale_zero = self.split_meta(meta, num_tokens)
-        return lynx_kernels.dequant_anchor(anchor, scale_zero, header_table if table is None else table,
+        header_table, group_meta = self.split_meta(meta, num_tokens)
+        return lynx_kernels.dequant_anchor(anchor, group_meta, header_table if table is None else table,
                                            num_tokens, self._dtype(dtype), backend=self.backend)
 
     def decode_merged(self, anchor: torch.Tensor, residual: torch.Tensor, meta: torch.Tensor, num_tokens: int,
@@ -131,17 +132,17 @@ class Codec:
         """Anchor + Residual -> kv_hat [2, L, num_tokens, H, D], exactly the INT8 dequantization."""
         anchor = self._blocks(anchor, "anchor", num_tokens, self.anchor_bits)
         residual = self._blocks(residual, "residual", num_tokens, self.residual_bits)
-        _, scale_zero = self.split_meta(meta, num_tokens)
-        return lynx_kernels.merge_dequant(anchor, residual, scale_zero, num_tokens, self._dtype(dtype),
+        _, group_meta = self.split_meta(meta, num_tokens)
+        return lynx_kernels.merge_dequant(anchor, residual, group_meta, num_tokens, self._dtype(dtype),
                                           backend=self.backend)
 
-    def split_meta(self, meta: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """meta -> views (table float16 [2, L, 2**A], scale_zero float16 [nb, 2, L, H, D, 2])."""
+    def split_meta(self, meta: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, lynx_kernels.Meta]:
+        """meta -> views (table float16 [2, L, 2**A], the blocks' lynx_kernels.Meta)."""
         self._check_bytes(meta, "meta", self.meta_nbytes(num_tokens), num_tokens)
         L, H, D = self.num_layers, self.num_heads, self.head_dim
         table = meta[: self.meta_header_nbytes].view(torch.float16).view(2, L, 2**self.anchor_bits)
-        scale_zero = meta[self.meta_header_nbytes:].view(torch.float16)
-        return table, scale_zero.view(self.num_blocks(num_tokens), 2, L, H, D, 2)
+        blocks = meta[self.meta_header_nbytes:].view(self.num_blocks(num_tokens), self.meta_block_nbytes)
+        return table, lynx_kernels.meta_views(blocks, L, H, D)
 
     # --- checks and views -------------------------------------------------------------------
 
