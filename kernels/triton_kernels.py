@@ -24,6 +24,10 @@ MIN_EXPONENT = tl.constexpr(reference.MIN_EXPONENT)
 FLOAT32_MANTISSA_BITS = tl.constexpr(reference.FLOAT32_MANTISSA_BITS)
 SCALE_SHIFT = tl.constexpr(reference.SCALE_SHIFT)
 FLOAT32_INF_BITS = tl.constexpr(reference.FLOAT32_INF_BITS)
+# Quantization rounds (x - zero) * inv to float32, then adds 2**23 to round to an integer; contracting
+# the two into one FMA would round once instead of twice and differ from the reference on rare inputs.
+# (Dequantization may fuse: its products are exact.)
+QUANTIZE_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -190,7 +194,7 @@ def quantize_split(kv: torch.Tensor, anchor_bits: int, group_size: int, out=None
     anchor, residual, meta = out if out is not None else empty_planes(kv, anchor_bits, group_size)
     grid, block_d = _launch_shape(triton.cdiv(T, group_size), 2 * L, H, D)
     _quantize_split_kernel[grid](kv, anchor, residual, *meta, *_block_strides(meta), T, 2 * L, H, D,
-                                 G=group_size, BLOCK_D=block_d, A=anchor_bits)
+                                 G=group_size, BLOCK_D=block_d, A=anchor_bits, **QUANTIZE_OPTIONS)
     return anchor, residual, meta
 
 

@@ -113,14 +113,18 @@ import triton
 from triton.backends.compiler import GPUTarget
 from lynx_kernels import triton_kernels as k
 
-def compile(fn, pointers, **constexprs):
+def compile(fn, pointers, options=None, **constexprs):
     ints = dict.fromkeys(["zero_stride", "scale_stride", "exponent_stride", "T", "S", "H", "D"], "i32")
     signature = {**pointers, **ints, **dict.fromkeys(constexprs, "constexpr")}
-    triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    source = triton.compiler.ASTSource(fn, signature, constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 planes = {"anchor_ptr": "*u8", "residual_ptr": "*u8"}
 meta = {"zero_ptr": "*fp16", "scale_ptr": "*u8", "exponent_ptr": "*u8"}
-compile(k._quantize_split_kernel, {"kv_ptr": "*bf16", **planes, **meta}, G=64, BLOCK_D=128, A=3)
+for kv in ("*bf16", "*fp32"):
+    quantize = compile(k._quantize_split_kernel, {"kv_ptr": kv, **planes, **meta}, k.QUANTIZE_OPTIONS,
+                       G=64, BLOCK_D=128, A=3)
+    assert "fma" not in quantize.asm["ptx"], "quantization must round the product before adding 2**23"
 for out, merge in (("*fp32", True), ("*bf16", False)):
     pointers = {**planes, **meta, "table_ptr": "*fp16", "out_ptr": out}
     compile(k._dequant_kernel, pointers, G=64, BLOCK_D=128, A=3, MERGE=merge)
@@ -128,8 +132,9 @@ for out, merge in (("*fp32", True), ("*bf16", False)):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests above compile the kernels for real")
-def test_kernels_compile_for_an_nvidia_gpu():
-    """The interpreter accepts some code that the compiler rejects: compile to an H100 target (no GPU needed)."""
+def test_kernels_compile_for_an_nvidia_gpu_without_fma_in_quantization():
+    """The interpreter accepts some code that the compiler rejects, and does not fuse a multiply and an
+    add as the compiler may: compile to an H100 target (no GPU needed) and read the PTX."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
