@@ -213,16 +213,22 @@ def quantize_split(kv: torch.Tensor, anchor_bits: int, group_size: int, out=None
     def tokens(s: slice, b: slice) -> torch.Tensor:  # [S, B, G, H, D]
         return pad_tokens(x[s, b.start * G: b.stop * G], (b.stop - b.start) * G).unflatten(1, (-1, G))
 
-    # Slice-major views of the metadata fields, to be written chunk by chunk.
-    fields = [field.view(nb, 2 * L, *field.shape[3:]).transpose(0, 1) for field in meta]
+    # Every group's range, chunk by chunk; then all the metadata at once (one exponent per head): per
+    # chunk, its dozens of small operations would cost more than reading the KV twice.
+    lo, hi = kv.new_empty((2, 2 * L, nb, H, D))
+    for s, b in chunks:
+        torch.amin(tokens(s, b), 2, out=lo[s, b])
+        torch.amax(tokens(s, b), 2, out=hi[s, b])
+    zero, scale_code, exponent = group_metadata(lo, hi, CODE_BITS, -1)  # [S, nb, H, D]; exponent [S, nb, H, 1]
+    for field, value in zip(meta, (zero, scale_code, exponent.squeeze(-1))):
+        field.view(value.transpose(0, 1).shape).copy_(value.transpose(0, 1))
+    scale = decode_scale(scale_code, exponent)
+
     code_work = torch.empty((2, work.numel()), dtype=torch.uint8, device=kv.device)
     for s, b in chunks:
-        xs = tokens(s, b)  # read from memory once: the range, then the codes while it is in cache
-        zero, scale_code, exponent = group_metadata(xs.amin(2), xs.amax(2), CODE_BITS, -1)  # [S, B, H, D]
-        for field, value in zip(fields, (zero, scale_code, exponent.squeeze(-1))):
-            field[s, b] = value
-        scale = decode_scale(scale_code, exponent)
-        biased = _biased_codes(xs, scale.unsqueeze(2), zero.unsqueeze(2), out=work[: xs.numel()].view(xs.shape))
+        xs = tokens(s, b)
+        biased = _biased_codes(xs, scale[s, b].unsqueeze(2), zero[s, b].unsqueeze(2),
+                               out=work[: xs.numel()].view(xs.shape))
         # Block-major codes [B, S, 8 stripes, G / 8 * H * D]; int32 -> uint8 keeps the low byte: the code.
         codes, high = code_work[:, : xs.numel()].view(2, b.stop - b.start, -1, STRIPES, anchor.shape[-1])
         codes.view(biased.transpose(0, 1).shape).copy_(biased.transpose(0, 1))
