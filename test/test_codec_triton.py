@@ -93,6 +93,15 @@ def test_signed_zeros_and_constant_groups_give_the_same_metadata_bits():
     assert all(same_bits(r, t) for r, t in zip(flat(ref), flat(tri)))
 
 
+def test_channels_far_below_their_head_s_largest_get_the_same_raised_scale():
+    kv = random_kv(14, 1, 16, 2, 8)
+    kv[..., 0, :3] *= 1e-4  # scales more than 7 binades below the head's largest
+    kv[..., 1, 5] *= 1e3
+    ref, tri = both("quantize_split", kv.to(DEVICE), 4, 16)
+    assert (ref[2].scale >> 5 == 7).any()
+    assert all(same_bits(r, t) for r, t in zip(flat(ref), flat(tri)))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nan_and_inf_are_rejected(bad):
     kv = random_kv(12, 1, 20, 1, 8)
