@@ -40,15 +40,17 @@ SCALE_MANTISSA_BITS = 5
 MAX_OFFSET = 7
 MIN_EXPONENT = MAX_OFFSET + 1
 FLOAT32_MANTISSA_BITS = 23
+SCALE_MANTISSA_MASK = 2**SCALE_MANTISSA_BITS - 1
 SCALE_SHIFT = FLOAT32_MANTISSA_BITS - SCALE_MANTISSA_BITS  # the scale mantissa's place in a float32
 FLOAT32_INF_BITS = 0x7F800000
+INF_EXPONENT = FLOAT32_INF_BITS >> FLOAT32_MANTISSA_BITS  # 255: the exponent of a non-finite group
 
 
 class Meta(NamedTuple):
     """The metadata of nb blocks; in the metadata buffer each block holds these three, in this order."""
 
     zero: torch.Tensor  # float16 [nb, 2, L, H, D]: each group's minimum, rounded down
-    scale: torch.Tensor  # uint8 [nb, 2, L, H, D]: the group's scale code (encode_scale)
+    scale_code: torch.Tensor  # uint8 [nb, 2, L, H, D]: the group's scale (encode_scale)
     exponent: torch.Tensor  # uint8 [nb, 2, L, H]: the exponent its head's scale codes are relative to
 
 
@@ -84,8 +86,8 @@ def group_metadata(lo: torch.Tensor, hi: torch.Tensor, bits: int, shared_dims) -
 
     zero is the float16 minimum rounded down and the scale (max - zero) / (2**bits - 1) is rounded up
     (encode_scale, its exponent shared along shared_dims), so every value of the group maps into
-    [0, 2**bits - 1] without clamping. A non-finite group (NaN, +-Inf, or a minimum beyond float16)
-    gives a non-finite zero or an exponent of 255. Adding 0.0 folds -0.0 into +0.0, so that
+    [0, 2**bits - 1] without clamping. A non-finite group (NaN, +-Inf, or a minimum below -65504, the
+    float16 range) gives a non-finite zero or an exponent of INF_EXPONENT. Adding 0.0 folds -0.0 into +0.0, so that
     implementations of min/max agree on the bits.
     """
     zero = fp16_floor(lo.float() + 0.0)
@@ -100,14 +102,15 @@ def encode_scale(s: torch.Tensor, shared_dims) -> tuple[torch.Tensor, torch.Tens
     its float32 exponent field, at most 1/32 above s. The exponents along shared_dims are stored once,
     as E = the largest e (at least MIN_EXPONENT), and each scale as code = (E - e) << 5 | m. A scale more
     than 7 binades below E is raised to 2**(E - 7 - 127), the smallest a code can hold, which still
-    covers its group. Non-finite s give E = 255: an infinite scale.
+    covers its group. Non-finite s give E = INF_EXPONENT: an infinite scale.
     """
     bits = (s.view(torch.int32) & 0x7FFFFFFF).clamp_(max=FLOAT32_INF_BITS)  # NaN (of any sign) -> +inf
     bits = (bits + (2**SCALE_SHIFT - 1)) & -(2**SCALE_SHIFT)  # round up; the carry may raise e
     e = bits >> FLOAT32_MANTISSA_BITS
     exponent = torch.amax(e, shared_dims, keepdim=True).clamp_(min=MIN_EXPONENT)
     offset = exponent - e
-    code = torch.where(offset <= MAX_OFFSET, (offset << SCALE_MANTISSA_BITS) | ((bits >> SCALE_SHIFT) & 31),
+    mantissa = (bits >> SCALE_SHIFT) & SCALE_MANTISSA_MASK
+    code = torch.where(offset <= MAX_OFFSET, (offset << SCALE_MANTISSA_BITS) | mantissa,
                        MAX_OFFSET << SCALE_MANTISSA_BITS)
     return code.to(torch.uint8), exponent.to(torch.uint8)
 
@@ -119,7 +122,7 @@ def decode_scale(code: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     """
     code = code.int()
     bits = (exponent.int() - (code >> SCALE_MANTISSA_BITS)) << FLOAT32_MANTISSA_BITS
-    bits |= (code & 31) << SCALE_SHIFT
+    bits |= (code & SCALE_MANTISSA_MASK) << SCALE_SHIFT
     return bits.view(torch.float32)
 
 

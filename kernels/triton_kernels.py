@@ -22,6 +22,7 @@ SCALE_MANTISSA_BITS = tl.constexpr(reference.SCALE_MANTISSA_BITS)
 MAX_OFFSET = tl.constexpr(reference.MAX_OFFSET)
 MIN_EXPONENT = tl.constexpr(reference.MIN_EXPONENT)
 FLOAT32_MANTISSA_BITS = tl.constexpr(reference.FLOAT32_MANTISSA_BITS)
+SCALE_MANTISSA_MASK = tl.constexpr(reference.SCALE_MANTISSA_MASK)
 SCALE_SHIFT = tl.constexpr(reference.SCALE_SHIFT)
 FLOAT32_INF_BITS = tl.constexpr(reference.FLOAT32_INF_BITS)
 # Quantization rounds (x - zero) * inv to float32, then adds 2**23 to round to an integer; contracting
@@ -69,8 +70,8 @@ def _group_metadata(lo, hi, valid, bits: tl.constexpr):
     e = s_bits >> FLOAT32_MANTISSA_BITS
     exponent = tl.maximum(tl.max(tl.where(valid, e, 0), axis=0), MIN_EXPONENT)
     offset = exponent - e
-    code = tl.where(offset <= MAX_OFFSET, (offset << SCALE_MANTISSA_BITS) | ((s_bits >> SCALE_SHIFT) & 31),
-                    MAX_OFFSET << SCALE_MANTISSA_BITS)
+    mantissa = (s_bits >> SCALE_SHIFT) & SCALE_MANTISSA_MASK
+    code = tl.where(offset <= MAX_OFFSET, (offset << SCALE_MANTISSA_BITS) | mantissa, MAX_OFFSET << SCALE_MANTISSA_BITS)
     return zero, code, exponent
 
 
@@ -79,7 +80,7 @@ def _decode_scale(code, exponent):
     """As reference.decode_scale."""
     code = code.to(tl.int32)
     bits = (exponent.to(tl.int32) - (code >> SCALE_MANTISSA_BITS)) << FLOAT32_MANTISSA_BITS
-    bits |= (code & 31) << SCALE_SHIFT
+    bits |= (code & SCALE_MANTISSA_MASK) << SCALE_SHIFT
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -89,7 +90,7 @@ def _program(H, G: tl.constexpr, BLOCK_D: tl.constexpr):
 
     Column k of a stripe is token k // BLOCK_D of the stripe, channel k % BLOCK_D.
     """
-    blk = tl.program_id(0)
+    blk = tl.program_id(0).to(tl.int64)  # offsets of large buffers pass 2**31
     program = tl.program_id(1).to(tl.int64)  # slice * H + head
     k = tl.arange(0, G // STRIPES * BLOCK_D)
     d = k % BLOCK_D

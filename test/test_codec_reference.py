@@ -226,7 +226,7 @@ def test_scales_keep_5_mantissa_bits_and_share_an_exponent_reaching_7_binades_do
 def test_anchor_and_residual_are_the_high_and_low_bits_of_each_code():
     kv = random_kv(4, 2, 8, 3, 4)  # one block of G = 8 tokens, so stripe i is token i
     anchor, residual, meta = lynx_kernels.quantize_split(kv, anchor_bits=3, group_size=8)
-    scale = reference.decode_scale(meta.scale[0], meta.exponent[0].unsqueeze(-1)).unsqueeze(2)  # [2, L, 1, H, D]
+    scale = reference.decode_scale(meta.scale_code[0], meta.exponent[0].unsqueeze(-1)).unsqueeze(2)  # [2, L, 1, H, D]
     zero = meta.zero[0].unsqueeze(2)
     codes = reference.quantize(kv, scale, zero).to(torch.uint8).flatten(3)  # [K/V, L, token, head * channel]
     assert torch.equal(reference.unpack_bits(anchor[0], 3), codes >> 5)
@@ -347,11 +347,16 @@ def test_nan_and_inf_are_rejected(bad):
         Codec(2, 2, 8, group_size=8).encode(kv)
 
 
-def test_values_beyond_the_float16_metadata_are_rejected():
+def test_values_below_the_float16_zero_points_are_rejected_and_large_ranges_are_fine():
     kv = random_kv(8, 1, 8, 1, 8)
     kv[0, 0, 3, 0, 2] = -1e6
-    with pytest.raises(ValueError, match="beyond the float16 range"):
+    with pytest.raises(ValueError, match="below -65504, beyond the float16 range"):
         Codec(1, 1, 8, group_size=8).encode(kv)
+    kv[0, 0, 3, 0, 2] = 1e7  # a float32 range far beyond float16's: the scale holds it
+    codec = Codec(1, 1, 8, group_size=8)
+    planes = codec.encode(kv)
+    merged = codec.decode_merged(planes.anchor, planes.residual, planes.meta, 8)
+    assert (merged - kv).abs().max() <= 1e7 / 255
 
 
 @pytest.mark.parametrize("kwargs, message", [

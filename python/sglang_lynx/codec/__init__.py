@@ -24,6 +24,8 @@ import torch
 
 import lynx_kernels
 
+from lynx_kernels.reference import INF_EXPONENT
+
 from .anchor_table import estimate_table
 
 ANCHOR_BITS = range(2, 7)
@@ -107,12 +109,12 @@ class Codec:
         table, meta = self.split_meta(planes.meta, T)
         lynx_kernels.quantize_split(kv, self.anchor_bits, self.group_size, out=(anchor, residual, meta),
                                     backend=self.backend)
-        # The kernels leave a non-finite zero or exponent 255 in the metadata of a group holding NaN or
-        # Inf: checking it is cheap.
-        if not (torch.isfinite(meta.zero).all() and (meta.exponent != 255).all()):
+        # The kernels leave a non-finite zero or an infinite exponent in the metadata of a group holding
+        # NaN or Inf: checking it is cheap.
+        if not (torch.isfinite(meta.zero).all() and (meta.exponent != INF_EXPONENT).all()):
             if not torch.isfinite(kv).all():
                 raise ValueError("kv contains NaN or Inf; the Lynx codec cannot quantize it")
-            raise ValueError("kv has values beyond the float16 range of the codec's zero points")
+            raise ValueError("kv has values below -65504, beyond the float16 range of the codec's zero points")
         table.copy_(estimate_table(anchor, residual))
         return planes
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lynx_kernels.reference import decode_scale, dequantize, group_metadata, pad_tokens, quantize
+from lynx_kernels.reference import decode_scale, dequantize, group_metadata, meta_block_nbytes, pad_tokens, quantize
 
 
 def fake_quantize(kv: torch.Tensor, group_tokens: int, group_channels: int, bits: int) -> torch.Tensor:
@@ -37,6 +37,6 @@ def fake_quantize(kv: torch.Tensor, group_tokens: int, group_channels: int, bits
 
 
 def metadata_bits(group_elements: int, head_dim: int) -> float:
-    """Metadata bits per element of groups of group_elements: a float16 zero and a scale code per
-    group, and an exponent per head over group_elements tokens."""
-    return 24 / group_elements + 8 / (group_elements * head_dim)
+    """Metadata bits per element of groups of group_elements: as the codec's, whose groups are one
+    channel over a block of group_elements tokens."""
+    return meta_block_nbytes(1, 1, head_dim) * 8 / (2 * group_elements * head_dim)

@@ -37,7 +37,7 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.utils.network import NetworkAddress
 
 from sglang_lynx.config import LynxConfig
-from sglang_lynx.streams.rows import PageRows, page_runs, split_blocks
+from sglang_lynx.streams.rows import VERSION, PageRows, page_runs, split_blocks
 from sglang_lynx.streams.scheduler import ANCHOR, RESIDUAL, Pacer, StreamScheduler
 from sglang_lynx.streams.timings import Timings
 
@@ -99,7 +99,7 @@ class LynxKVManager(MooncakeKVManager):
     def build_receiver_registration_message(self):
         lynx = {"mode": self.lynx.mode, "anchor_bits": self.lynx.anchor_bits,
                 "group_size": self.lynx.group_size, "rows_ptr": self.rows.data_ptr,
-                "row_nbytes": self.rows.row_nbytes}
+                "row_nbytes": self.rows.row_nbytes, "row_version": VERSION}
         return super().build_receiver_registration_message() + [REGISTRATION_FRAME, json.dumps(lynx).encode()]
 
     def _make_worker_recv(self, socket, *args, **kwargs):
@@ -135,6 +135,9 @@ class LynxKVManager(MooncakeKVManager):
             describe = lambda d: " ".join(f"--lynx-{k.replace('_', '-')} {v}" for k, v in d.items())
             return (f"Lynx settings differ: prefill runs {describe(ours)}, decode runs {describe(theirs)}; "
                     f"start both workers with the same Lynx settings")
+        if peer.get("row_version", 1) != VERSION:
+            return (f"Lynx page row formats differ (version {VERSION} on prefill, {peer.get('row_version', 1)} "
+                    f"on decode): run the same sglang-lynx release on both workers")
         if peer["row_nbytes"] != self.rows.row_nbytes:
             return (f"Lynx page rows differ ({self.rows.row_nbytes} B on prefill, {peer['row_nbytes']} B on "
                     f"decode): the workers need the same model and --page-size")

@@ -2,7 +2,7 @@
 
 A row is laid out so that each stream is one contiguous write per page::
 
-    | header (32 B) | codec meta (scales, table) | Anchor planes | Residual planes |
+    | header (32 B) | codec meta (table, zeros, scales) | Anchor planes | Residual planes |
     |<------------- first stream (Anchor) ------------------->|<- second stream ->|
 
 Rows are indexed by the page index of the worker's own KV pool: prefill encodes page p into
@@ -27,7 +27,7 @@ from sglang_lynx.codec import Codec
 from sglang_lynx.config import MODES, LynxConfig
 
 MAGIC = b"LYNX"
-VERSION = 1
+VERSION = 2  # 2: 8-bit scales with a shared exponent per head (1: float16 scale and zero)
 # magic, version, mode, anchor bits, group size, valid tokens in the page, room
 HEADER = struct.Struct("<4sBBBxHH4xQ8x")
 assert HEADER.size == 32
