@@ -87,8 +87,8 @@ def group_metadata(lo: torch.Tensor, hi: torch.Tensor, bits: int, shared_dims) -
     zero is the float16 minimum rounded down and the scale (max - zero) / (2**bits - 1) is rounded up
     (encode_scale, its exponent shared along shared_dims), so every value of the group maps into
     [0, 2**bits - 1] without clamping. A non-finite group (NaN, +-Inf, or a minimum below -65504, the
-    float16 range) gives a non-finite zero or an exponent of INF_EXPONENT. Adding 0.0 folds -0.0 into +0.0, so that
-    implementations of min/max agree on the bits.
+    float16 range) gives a non-finite zero or an exponent of INF_EXPONENT. Adding 0.0 folds -0.0 into
+    +0.0, so that implementations of min/max agree on the bits.
     """
     zero = fp16_floor(lo.float() + 0.0)
     code, exponent = encode_scale((hi.float() + 0.0 - zero.float()) / (2**bits - 1), shared_dims)

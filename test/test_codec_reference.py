@@ -74,6 +74,13 @@ def per_element(codec: Codec, meta: torch.Tensor, T: int):
     return per_token(scale), per_token(zero)
 
 
+def encoded(case):
+    """(codec, kv, T, planes, (scale, zero) per element) of a kv_cases() example, kv encoded."""
+    codec, kv = case
+    planes = codec.encode(kv)
+    return codec, kv, kv.shape[2], planes, per_element(codec, planes.meta, kv.shape[2])
+
+
 def rounding_slack(kv, scale, zero):
     """Float32 rounding in (x - zero) / scale and code * scale + zero: a few ulps of the magnitudes."""
     return 4 * torch.finfo(torch.float32).eps * (kv.abs() + zero.abs() + 256 * scale)
@@ -94,10 +101,7 @@ def test_anchor_plus_residual_decodes_to_exactly_the_int8_dequantization(case):
 @examples
 @given(kv_cases())
 def test_int8_error_is_at_most_half_a_code_step(case):
-    codec, kv = case
-    T = kv.shape[2]
-    planes = codec.encode(kv)
-    scale, zero = per_element(codec, planes.meta, T)
+    codec, kv, T, planes, (scale, zero) = encoded(case)
     err = (codec.decode_merged(planes.anchor, planes.residual, planes.meta, T) - kv.float()).abs()
     assert (err <= scale / 2 + rounding_slack(kv.float(), scale, zero)).all()
 
@@ -105,10 +109,7 @@ def test_int8_error_is_at_most_half_a_code_step(case):
 @examples
 @given(kv_cases())
 def test_centre_rule_anchor_error_is_at_most_half_a_residual_step(case):
-    codec, kv = case
-    T = kv.shape[2]
-    planes = codec.encode(kv)
-    scale, zero = per_element(codec, planes.meta, T)
+    codec, kv, T, planes, (scale, zero) = encoded(case)
     centre = codec.decode_anchor(planes.anchor, planes.meta, T, table=centre_table(codec.num_layers,
                                                                                     codec.anchor_bits))
     half_residual_step = 2 ** (codec.residual_bits - 1) * scale
@@ -119,10 +120,7 @@ def test_centre_rule_anchor_error_is_at_most_half_a_residual_step(case):
 @given(kv_cases())
 def test_anchor_rebuilds_inside_its_bin_off_centre_by_at_most_the_table_offset(case):
     """The mean rule moves each bin's point off centre by the table's offset, and the bound with it."""
-    codec, kv = case
-    T = kv.shape[2]
-    planes = codec.encode(kv)
-    scale, zero = per_element(codec, planes.meta, T)
+    codec, kv, T, planes, (scale, zero) = encoded(case)
     table, _ = codec.split_meta(planes.meta, T)
     R = codec.residual_bits
     assert ((table >= 0) & (table <= 2**R - 1) & (table * RESOLUTION == (table * RESOLUTION).round())).all()
