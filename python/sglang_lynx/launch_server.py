@@ -46,11 +46,27 @@ QUANTIZED_MODES = ("int8", "int4", "lynx")
 
 
 def lynx_server_args(config: LynxConfig, argv: list[str]) -> list[str]:
-    """SGLang flags a Lynx mode implies unless given: a KV page holds whole codec blocks."""
+    """SGLang flags a Lynx mode implies unless given: a KV page holds whole codec blocks; a ``lynx``
+    decode worker schedules without overlap (speculation changes the batch between steps)."""
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    out = list(argv)
     if config.mode in QUANTIZED_MODES and "--page-size" not in given:
-        return [*argv, "--page-size", str(config.group_size)]
-    return list(argv)
+        out += ["--page-size", str(config.group_size)]
+    if (config.mode == "lynx" and _flag_value(argv, "--disaggregation-mode") == "decode"
+            and "--disable-overlap-schedule" not in given):
+        print(f"{PROG}: --lynx-mode lynx: overlap scheduling is off on the decode worker "
+              f"(--disable-overlap-schedule)", file=sys.stderr)
+        out.append("--disable-overlap-schedule")
+    return out
+
+
+def _flag_value(argv: list[str], flag: str):
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def check_compatible(config: LynxConfig, server_args) -> None:

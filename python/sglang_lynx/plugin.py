@@ -2,7 +2,7 @@
 
 SGLang calls :func:`load` (entry point ``sglang.srt.plugins``) early in every process it
 starts: the HTTP server, each scheduler, the detokenizer. With ``--lynx-mode off`` nothing but
-the CPU compatibility layer is registered. Otherwise:
+the CPU compatibility layer is registered. In every other mode, the streams:
 
 =================================================================  ======  ============================
 target                                                             hook    what for
@@ -15,8 +15,24 @@ target                                                             hook    what 
                                                                            its Residual has gone
 ``...PrefillMixin.process_disagg_prefill_inflight_queue``          AFTER   release them then
 ``DecodeTransferQueue._commit_transfer_to_req``                    AROUND  land the first stream
-``DecodeTransferQueue.pop_transferred``                            AROUND  hold until the Residual
 ``Scheduler.is_fully_idle``                                        AFTER   pending Lynx work is work
+=================================================================  ======  ============================
+
+and in ``lynx`` mode, speculation (``sglang_lynx.speculation.hooks``):
+
+=================================================================  ======  ============================
+``DecodeTransferQueue.pop_transferred``                            AROUND  admit: start speculating
+``...DecodeMixin.process_decode_queue``                            AFTER   verify requests whose
+                                                                           Residual landed, re-admit
+``Req.update_finish_state``                                        AROUND  a stop on a speculated
+                                                                           token only pauses
+``SchedulerOutputStreamer.stream_output``                          AROUND  stream verified tokens only
+``Scheduler.update_running_batch``                                 AROUND  pause at the cap
+``ScheduleBatch.retract_decode``                                   AROUND  pause, never retract,
+                                                                           speculating requests
+``ModelRunner.sample``                                             AROUND  keep draft logits (sampling)
+``Scheduler.abort_request``                                        AFTER   abort paused requests
+``Scheduler.on_idle``                                              AFTER   sleep until a Residual lands
 =================================================================  ======  ============================
 """
 
@@ -24,6 +40,7 @@ from sglang_lynx.compat import cpu
 from sglang_lynx.config import LynxConfig
 
 DISAGG = "sglang.srt.disaggregation"
+MANAGERS = "sglang.srt.managers"
 
 
 def load() -> None:
@@ -31,11 +48,15 @@ def load() -> None:
     cpu.patch_sglang()
     config = LynxConfig.from_env()  # fails early, in every process, on a malformed config
     if config.enabled:
-        _register_lynx_hooks()
+        from sglang.srt.plugins.hook_registry import HookRegistry
+
+        for target, hook, kind in lynx_hooks(config.mode):
+            HookRegistry.register(target, hook, kind)
 
 
-def _register_lynx_hooks() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+def lynx_hooks(mode: str) -> list:
+    """(SGLang target, hook, hook type) for every hook a Lynx mode registers."""
+    from sglang.srt.plugins.hook_registry import HookType
 
     from sglang_lynx.streams import landing
 
@@ -48,11 +69,26 @@ def _register_lynx_hooks() -> None:
          _run_deferred_releases, HookType.AFTER),
         (f"{DISAGG}.decode.DecodeTransferQueue._commit_transfer_to_req", landing.commit_transfer,
          HookType.AROUND),
-        (f"{DISAGG}.decode.DecodeTransferQueue.pop_transferred", landing.pop_transferred, HookType.AROUND),
-        ("sglang.srt.managers.scheduler.Scheduler.is_fully_idle", _idle_unless_lynx_work, HookType.AFTER),
+        (f"{MANAGERS}.scheduler.Scheduler.is_fully_idle", _idle_unless_lynx_work, HookType.AFTER),
     ]
-    for target, hook, kind in hooks:
-        HookRegistry.register(target, hook, kind)
+    if mode == "lynx":
+        from sglang_lynx.speculation import hooks as spec
+
+        hooks += [
+            (f"{DISAGG}.decode.DecodeTransferQueue.pop_transferred", spec.admit, HookType.AROUND),
+            (f"{DISAGG}.decode.SchedulerDisaggregationDecodeMixin.process_decode_queue", spec.verify_landed,
+             HookType.AFTER),
+            (f"{MANAGERS}.schedule_batch.Req.update_finish_state", spec.guard_finish, HookType.AROUND),
+            (f"{MANAGERS}.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
+             spec.stream_verified, HookType.AROUND),
+            (f"{MANAGERS}.scheduler.Scheduler.update_running_batch", spec.pause_at_cap, HookType.AROUND),
+            (f"{MANAGERS}.schedule_batch.ScheduleBatch.retract_decode", spec.keep_from_retraction,
+             HookType.AROUND),
+            ("sglang.srt.model_executor.model_runner.ModelRunner.sample", spec.capture_drafts, HookType.AROUND),
+            (f"{MANAGERS}.scheduler.Scheduler.abort_request", spec.abort_paused, HookType.AFTER),
+            (f"{MANAGERS}.scheduler.Scheduler.on_idle", spec.wait_for_residual, HookType.AFTER),
+        ]
+    return hooks
 
 
 def _lynx_kv_class(original, transfer_backend, class_type):
@@ -87,12 +123,10 @@ def _run_deferred_releases(result, scheduler, *args, **kwargs):
 
 
 def _idle_unless_lynx_work(idle, scheduler, *args, **kwargs):
-    from sglang_lynx.streams.landing import has_waiting
+    from sglang_lynx.speculation.hooks import has_work
 
     prefill = _lynx_manager(_prefill_manager(scheduler))
-    decode_queue = getattr(scheduler, "disagg_decode_transfer_queue", None)
-    return idle and not (prefill is not None and prefill.deferred_releases) \
-        and not (decode_queue is not None and has_waiting(decode_queue))
+    return idle and not (prefill is not None and prefill.deferred_releases) and not has_work()
 
 
 def _prefill_manager(scheduler):

@@ -1,11 +1,9 @@
-"""Decode side: land the streams in the KV pool, and hold a request until its Residual is in.
+"""Decode side: land the streams in the KV pool.
 
-* When SGLang sees a request's transfer complete (first stream + first token), its pages are
-  checked and written into the KV pool: Anchor-only (``int4``, ``lynx``) or exact INT8 (``int8``).
-* In ``lynx`` mode the request then waits, outside SGLang's queues, for its Residual; its first
-  token (exact: prefill computed it at full precision) is streamed to the client at once. When
-  the Residual lands, its pages are rewritten with INT8-exact values on the scheduler thread and
-  the request joins the batch. It never decodes on Anchor-only KV here: that is speculation.
+When SGLang sees a request's transfer complete (first stream + first token), its pages are checked
+and written into the KV pool: Anchor-only (``int4``, ``lynx``) or exact INT8 (``int8``). A ``lynx``
+request is then :class:`Anchored` until its Residual lands and :meth:`Anchored.refine` rewrites its
+pages with INT8-exact values; what it does meanwhile is the speculation module's business.
 """
 
 from __future__ import annotations
@@ -14,23 +12,66 @@ import dataclasses
 import logging
 import time
 from http import HTTPStatus
+from typing import Optional
 
 from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST, prepare_abort
 
-from sglang_lynx.streams.mooncake import LynxKVManager
+from sglang_lynx.streams.mooncake import LynxKVManager, ResidualArrival
 from sglang_lynx.streams.rows import LynxTransferError
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class _Waiting:
-    decode_req: object
+class Anchored:
+    """A ``lynx`` request whose prompt pages hold Anchor-only KV until its Residual lands."""
+
     manager: LynxKVManager
     pages: list
     num_tokens: int
+    room: int
     since: float
-    first_token_streamed: bool = False
+    arrived: bool = False
+
+    def take_residual(self) -> Optional[ResidualArrival]:
+        """None while the Residual is on its way; then once its arrival (or why it will not come)."""
+        arrival = self.manager.take_residual_arrival(self.room)
+        if arrival is None:
+            waited = time.time() - self.since
+            if waited < self.manager.waiting_timeout:
+                return None
+            arrival = ResidualArrival(f"the Residual did not arrive within {waited:.0f} s", time.time())
+        else:
+            self.arrived = True
+        self.record(residual_landed=arrival.at)
+        return arrival
+
+    def refine(self) -> Optional[str]:
+        """Rewrite the prompt pages with INT8-exact KV; the reason if the bytes are not usable."""
+        try:
+            self.manager.rows.land(self.pages, self.num_tokens, self.room, merged=True)
+        except LynxTransferError as e:
+            return str(e)
+        return None
+
+    def record(self, **fields) -> None:
+        self.manager.timings.add(self.room, **fields)
+
+    def close(self, failure: Optional[str] = None, **fields) -> None:
+        """Done with the rows (before SGLang frees the pages); a Residual still to come is dropped."""
+        self.manager.rows.forget(self.pages)
+        if not self.arrived:
+            self.manager.abandon_residual(self.room)
+        if failure is not None:
+            fields["failure"] = failure
+        self.manager.timings.flush(self.room, **fields)
+
+
+def anchored_requests(queue) -> dict[str, Anchored]:
+    """The transfer queue's ``lynx`` requests landed on their Anchor and not yet taken up, by rid."""
+    if not hasattr(queue, "_lynx_anchored"):
+        queue._lynx_anchored = {}
+    return queue._lynx_anchored
 
 
 def request_pages(queue, req, page_size: int) -> tuple[list, int]:
@@ -57,75 +98,14 @@ def commit_transfer(original, queue, decode_req):
         receiver.clear()
         decode_req.kv_receiver = None
         return None
-    manager.timings.add(req.bootstrap_room, rid=req.rid, first_stream_landed=time.time(), tokens=num_tokens)
-    if mode == "lynx":
-        _waiting(queue)[req.rid] = _Waiting(decode_req, manager, pages, num_tokens, time.time())
+    now = time.time()
+    manager.timings.add(req.bootstrap_room, rid=req.rid, first_stream_landed=now, tokens=num_tokens)
+    result = original(queue, decode_req)
+    if mode == "lynx" and not req.finished():
+        anchored_requests(queue)[req.rid] = Anchored(manager, pages, num_tokens, req.bootstrap_room, now)
     else:
         manager.rows.forget(pages)
+        if mode == "lynx":
+            manager.abandon_residual(req.bootstrap_room)
         manager.timings.flush(req.bootstrap_room)
-    return original(queue, decode_req)
-
-
-def pop_transferred(original, queue, *args, **kwargs):
-    """AROUND ``DecodeTransferQueue.pop_transferred``: hold ``lynx`` requests until refined."""
-    ready = original(queue, *args, **kwargs)
-    waiting = _waiting(queue)
-    if not waiting:
-        return ready
-    released = [req for req in ready if req.rid not in waiting]
-    for rid, entry in list(waiting.items()):
-        req = entry.decode_req.req
-        if not entry.first_token_streamed:
-            # The first token came from prefill's full-precision forward: it is final.
-            queue.scheduler.output_streamer.stream_output([req], req.return_logprob)
-            entry.first_token_streamed = True
-            entry.manager.timings.add(req.bootstrap_room, first_token_streamed=time.time())
-        arrival = entry.manager.take_residual_arrival(req.bootstrap_room)
-        failure = None
-        if arrival is None:
-            waited = time.time() - entry.since
-            if waited < entry.manager.waiting_timeout:
-                continue
-            failure = f"the Residual did not arrive within {waited:.0f} s"
-        else:
-            failure, landed_at = arrival
-            entry.manager.timings.add(req.bootstrap_room, residual_landed=landed_at)
-        del waiting[rid]
-        if failure is None:
-            failure = _refine(entry)
-        if failure is None:
-            released.append(req)
-        else:
-            _abort(queue, entry, failure)
-    return released
-
-
-def has_waiting(queue) -> bool:
-    return bool(getattr(queue, "_lynx_waiting", None))
-
-
-def _refine(entry: _Waiting):
-    req = entry.decode_req.req
-    try:
-        entry.manager.rows.land(entry.pages, entry.num_tokens, req.bootstrap_room, merged=True)
-    except LynxTransferError as e:
-        return str(e)
-    entry.manager.rows.forget(entry.pages)
-    entry.manager.timings.flush(req.bootstrap_room, residual_applied=time.time())
-    return None
-
-
-def _abort(queue, entry: _Waiting, failure: str) -> None:
-    req = entry.decode_req.req
-    logger.error("Lynx: request %s: %s", req.rid, failure)
-    entry.manager.rows.forget(entry.pages)
-    entry.manager.timings.flush(req.bootstrap_room, failure=failure)
-    prepare_abort(req, f"Lynx KV transfer: {failure}", status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
-    queue.scheduler.output_streamer.stream_output([req], req.return_logprob)
-    queue._release_request(entry.decode_req)
-
-
-def _waiting(queue) -> dict:
-    if not hasattr(queue, "_lynx_waiting"):
-        queue._lynx_waiting = {}
-    return queue._lynx_waiting
+    return result

@@ -26,8 +26,9 @@ import dataclasses
 import functools
 import json
 import logging
+import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -49,6 +50,11 @@ RESIDUAL_MESSAGE = b"LYNX_RESIDUAL"  # [header, room, b"1" ok | b"0" failed, rea
 RESIDUAL_JOB_SECONDS = 0.02
 RESIDUAL_JOB_BYTES = (4 << 10, 1 << 20)  # bounds, whatever the link
 NO_PAGES = np.empty(0, dtype=np.int32)
+
+
+class ResidualArrival(NamedTuple):
+    failure: Optional[str]  # None: every byte of the Residual is in decode's rows
+    at: float  # when decode heard of it (time.time())
 
 
 @dataclasses.dataclass
@@ -76,7 +82,10 @@ class LynxKVManager(MooncakeKVManager):
             self.residual_plans: dict[int, _ResidualPlan] = {}  # from first stream to Residual's end
             self.deferred_releases: dict[int, Callable[[], None]] = {}  # run on the scheduler thread
         else:
-            self.residual_arrivals: dict[int, tuple[Optional[str], float]] = {}
+            self.residual_arrivals: dict[int, ResidualArrival] = {}
+            self.abandoned_rooms: set[int] = set()  # their Residual is no longer wanted
+            self.residual_landed = threading.Event()  # wakes an idle scheduler
+            self._arrivals_lock = threading.Lock()  # the receiving thread vs the scheduler
 
     def attach_pool(self, pool) -> None:
         """Allocate rows beside the KV pool (one per page) and register them for transfers."""
@@ -256,9 +265,25 @@ class LynxKVManager(MooncakeKVManager):
 
     def _on_residual_message(self, msg) -> None:
         room, ok, reason = int(msg[1]), msg[2] == b"1", msg[3].decode()
-        self.residual_arrivals[room] = (None if ok else reason, time.time())
+        with self._arrivals_lock:
+            if room in self.abandoned_rooms:
+                self.abandoned_rooms.discard(room)
+                return
+            self.residual_arrivals[room] = ResidualArrival(None if ok else reason, time.time())
+        self.residual_landed.set()
 
-    def take_residual_arrival(self, room) -> Optional[tuple[Optional[str], float]]:
-        """(failure or None, arrival time) once the Residual of ``room`` has landed; else None."""
-        return self.residual_arrivals.pop(room, None)
+    def take_residual_arrival(self, room) -> Optional[ResidualArrival]:
+        """The Residual of ``room`` once it has landed (or failed); else None."""
+        with self._arrivals_lock:
+            return self.residual_arrivals.pop(room, None)
 
+    def abandon_residual(self, room) -> None:
+        """The request of ``room`` has ended: drop its Residual, now or when it comes."""
+        with self._arrivals_lock:
+            if self.residual_arrivals.pop(room, None) is None:
+                self.abandoned_rooms.add(room)
+
+    def wait_for_residual(self, timeout: float) -> None:
+        """Sleep until a Residual lands or ``timeout`` passes (an idle scheduler waiting for one)."""
+        if self.residual_landed.wait(timeout):
+            self.residual_landed.clear()

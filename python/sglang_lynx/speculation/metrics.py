@@ -1,0 +1,31 @@
+"""Server-wide speculation counters, exported with SGLang's Prometheus metrics (``--enable-metrics``).
+
+Created in the decode scheduler process; SGLang's multi-process Prometheus registry collects them
+into the worker's ``/metrics`` next to its own ``sglang:`` series, with the same labels.
+"""
+
+from __future__ import annotations
+
+
+class SpeculationMetrics:
+    def __init__(self, labels: dict[str, str]):
+        from prometheus_client import Counter  # after SGLang has set PROMETHEUS_MULTIPROC_DIR
+
+        names = list(labels)
+        self.speculated = Counter("sglang:lynx_speculated_tokens", "Tokens decoded on the Anchor.",
+                                  names).labels(**labels)
+        self.accepted = Counter("sglang:lynx_accepted_tokens", "Speculated tokens kept by verification.",
+                                names).labels(**labels)
+        self.verify_passes = Counter("sglang:lynx_verify_passes", "Verify forward passes.",
+                                     names).labels(**labels)
+        self.rollbacks = Counter("sglang:lynx_rollbacks", "Verified requests that rolled back a token.",
+                                 names).labels(**labels)
+
+    def verify_pass(self) -> None:
+        self.verify_passes.inc()
+
+    def verified(self, speculated: int, accepted: int) -> None:
+        self.speculated.inc(speculated)
+        self.accepted.inc(accepted)
+        if accepted < speculated:
+            self.rollbacks.inc()

@@ -1,0 +1,287 @@
+"""Speculating on the Anchor: one record per ``lynx`` request, from admission to verification.
+
+On the decode worker a ``lynx`` request goes through:
+
+1. **admitted**: its first stream has landed (Anchor-only prompt KV) and SGLang puts it in the
+   running batch, streaming its first token, which prefill computed at full precision;
+2. **speculating**: it decodes on the Anchor, batched with every other request, but nothing past
+   its first token is streamed, and a stop (EOS, stop string, ``max_tokens``) met on a speculated
+   token only ends its speculation. At the cap, or at such a stop, it leaves the batch and waits,
+   keeping its KV;
+3. **verified**, when its Residual lands (between two decode steps): its prompt pages are rewritten
+   with INT8-exact KV, one forward pass over its tokens gives the exact model's predictions, the
+   longest agreeing prefix is kept with the exact token after it, the rest is rolled back. The kept
+   tokens are streamed at once and the request decodes on as an ordinary one.
+
+A Residual that fails or does not come in time, and an abort, end the request with its verified
+tokens only. Requests whose sampling depends on state that SGLang updates token by token (penalties,
+grammars, logit bias, seeds, ...) do not speculate: they wait for their Residual after the first
+token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from http import HTTPStatus
+from typing import Optional
+
+import torch
+
+from sglang.srt.managers.schedule_batch import FINISH_ABORT
+from sglang.srt.mem_cache.common import release_kv_cache
+
+from sglang_lynx.speculation.acceptance import (SamplingParams, Verdict, greedy_verdict, sampled_verdict,
+                                                sampling_distribution)
+from sglang_lynx.speculation.metrics import SpeculationMetrics
+from sglang_lynx.speculation.verify import exact_logits, truncate_kv
+from sglang_lynx.streams.landing import Anchored, anchored_requests
+
+logger = logging.getLogger(__name__)
+
+VERIFIED = 1  # output tokens that are exact from the start: the first, computed by prefill
+
+
+@dataclasses.dataclass
+class Speculation:
+    req: object
+    anchored: Anchored
+    cap: int  # speculated tokens allowed before the Residual has landed
+    params: SamplingParams
+    drafts: list = dataclasses.field(default_factory=list)  # logits each token was sampled from
+    stopped: bool = False  # a stop condition was met on a speculated token
+    paused: bool = False  # out of the running batch, waiting for the Residual
+
+    @property
+    def speculated(self) -> int:
+        return len(self.req.output_ids) - VERIFIED
+
+
+def speculation_blocker(req) -> Optional[str]:
+    """Why ``req`` cannot decode on the Anchor, or None. Verification rebuilds the distribution
+    each token was drawn from out of the logits alone; these make it depend on more."""
+    sp = req.sampling_params
+    reasons = {
+        "penalties": sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty != 1.0,
+        "min_new_tokens": sp.min_new_tokens > 0,
+        "logit_bias": sp.logit_bias,
+        "a grammar": req.grammar is not None or sp.json_schema or sp.regex or sp.ebnf or sp.structural_tag,
+        "a sampling seed": sp.sampling_seed is not None and sp.top_k != 1,
+        "a custom logit processor": req.custom_logit_processor,
+        "a watermark": sp.watermark,
+        "hidden states": req.return_hidden_states,
+        "a sampling mask": req.return_sampling_mask,
+    }
+    return next((name for name, present in reasons.items() if present), None)
+
+
+class Speculator:
+    """Every speculating request of one decode scheduler, keyed by request id."""
+
+    def __init__(self, max_speculative_tokens: int):
+        self.max_speculative_tokens = max_speculative_tokens
+        self.records: dict[str, Speculation] = {}
+        self.metrics: Optional[SpeculationMetrics] = None
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def admit(self, scheduler, reqs: list) -> None:
+        """``reqs`` join the waiting queue; the ``lynx`` ones among them start speculating."""
+        anchored = anchored_requests(scheduler.disagg_decode_transfer_queue)
+        if not anchored:
+            return
+        if self.metrics is None and scheduler.metrics_reporter.enable_metrics:
+            self.metrics = SpeculationMetrics(scheduler.metrics_collector.labels)
+        for req in reqs:
+            entry = anchored.pop(req.rid, None)
+            if entry is None:
+                continue
+            blocker = speculation_blocker(req)
+            cap = 0 if blocker else self.max_speculative_tokens
+            sp = req.sampling_params
+            self.records[req.rid] = Speculation(req, entry, cap,
+                                                SamplingParams(sp.temperature, sp.top_k, sp.top_p, sp.min_p))
+            # SGLang streams the first token in this same scheduler step.
+            entry.record(first_token_streamed=time.time(), speculation_cap=cap,
+                         **({"not_speculating": blocker} if blocker else {}))
+
+    # --- while decoding -----------------------------------------------------------------------
+
+    def holds_back(self, req) -> bool:
+        """Whether ``req`` has tokens no client may see yet."""
+        return req.rid in self.records and len(req.output_ids) > VERIFIED
+
+    def guard_finish(self, update_finish_state, req, new_accepted_len: int) -> None:
+        """Around ``Req.update_finish_state``: a stop on a speculated token is not final."""
+        rec = self.records.get(req.rid)
+        if rec is None:
+            return update_finish_state(req, new_accepted_len)
+        if req.to_finish is not None:  # aborted mid-speculation: it ends with its verified tokens
+            self._end(rec, failure=getattr(req.to_finish, "message", "aborted"))
+            return update_finish_state(req, 1)
+        update_finish_state(req, new_accepted_len)
+        if not req.finished():
+            return None
+        if len(req.output_ids) <= VERIFIED:  # finished on its first token: no Residual needed
+            self._end(rec, finished_on_first_token=True)
+        else:
+            req.finished_reason = req.finished_len = None
+            rec.stopped = True
+        return None
+
+    def pause(self, batch, everyone: bool = False) -> None:
+        """Take out of ``batch`` the requests at their cap or stopped (``everyone``: all speculating)."""
+        leaving = []
+        for req in batch.reqs:
+            rec = self.records.get(req.rid)
+            if rec is not None and not rec.paused and (everyone or rec.stopped or rec.speculated >= rec.cap):
+                rec.paused = True
+                rec.anchored.record(paused=time.time())
+                leaving.append(req)
+        if leaving:
+            batch.filter_batch(reqs_to_exclude=leaving)
+
+    def capture_drafts(self, logits: torch.Tensor, req_pool_indices: torch.Tensor) -> None:
+        """Keep the logits each sampled (not greedy) speculating request draws its next token from."""
+        rows = {rec.req.kv.req_pool_idx: rec for rec in self.records.values()
+                if not rec.paused and not rec.params.greedy}
+        if not rows:
+            return
+        for i, idx in enumerate(req_pool_indices.tolist()):
+            rec = rows.get(idx)
+            if rec is not None:
+                rec.drafts.append(logits[i].float().clone())
+
+    # --- verification -------------------------------------------------------------------------
+
+    def verify_landed(self, scheduler) -> list:
+        """Verify every request whose Residual has landed; return those that decode on."""
+        landed, failed = [], []
+        for rec in list(self.records.values()):
+            arrival = rec.anchored.take_residual()
+            if arrival is None:
+                continue
+            failure = arrival.failure or rec.anchored.refine()
+            if failure:
+                failed.append((rec, failure))
+            else:
+                landed.append(rec)
+        leaving = {id(rec.req) for rec in landed + [rec for rec, _ in failed]}
+        if leaving:
+            # Between two steps a request is in the running batch, or (admitted beyond the batch
+            # size) still in the waiting queue, or paused.
+            scheduler.running_batch.filter_batch(
+                reqs_to_exclude=[r for r in scheduler.running_batch.reqs if id(r) in leaving])
+            scheduler.waiting_queue = [r for r in scheduler.waiting_queue if id(r) not in leaving]
+        for rec, failure in failed:
+            self._finish(scheduler, rec, FINISH_ABORT(f"Lynx KV transfer: {failure}",
+                                                      HTTPStatus.INTERNAL_SERVER_ERROR))
+        return self._verify(scheduler, landed) if landed else []
+
+    def _verify(self, scheduler, recs: list[Speculation]) -> list:
+        started = time.time()
+        logits = exact_logits(scheduler, [rec.req for rec in recs])
+        verify_s = time.time() - started
+        if self.metrics is not None:
+            self.metrics.verify_pass()
+        decode_on = []
+        for rec, rows in zip(recs, logits):
+            req = rec.req
+            del self.records[req.rid]
+            speculated = rec.speculated
+            verdict = self._decide(rec, rows)
+            kept = [*req.output_ids[VERIFIED: VERIFIED + verdict.accepted], verdict.next_token]
+            req.output_ids = req.output_ids[:VERIFIED]
+            req.output_ids.extend(kept)
+            # KV stays for the tokens before the new last one (its own is written by the next step).
+            truncate_kv(req, len(req.origin_input_ids) + len(req.output_ids) - 1, scheduler.tree_cache)
+            if req.return_logprob:
+                _replace_logprobs(req, rows[: len(kept)], kept, rec.params)
+            rec.anchored.close(residual_applied=started, verify_s=verify_s, speculated=speculated,
+                               accepted=verdict.accepted, rolled_back=speculated - verdict.accepted,
+                               verify_batch=len(recs))
+            if self.metrics is not None:
+                self.metrics.verified(speculated, verdict.accepted)
+            req.update_finish_state(len(kept))
+            if req.finished():
+                release_kv_cache(req, scheduler.tree_cache, checkpoint=True)
+                req.time_stats.set_completion_time()
+                scheduler.output_streamer.stream_output([req], req.return_logprob)
+            else:
+                decode_on.append(req)  # SGLang re-admits it: it streams the kept tokens, then decodes
+        return decode_on
+
+    def _decide(self, rec: Speculation, rows: torch.Tensor) -> Verdict:
+        draft = torch.tensor(rec.req.output_ids[VERIFIED:], dtype=torch.long, device=rows.device)
+        if rec.params.greedy:
+            return greedy_verdict(draft, rows)
+        if len(rec.drafts) != len(draft):
+            raise RuntimeError(f"request {rec.req.rid}: {len(draft)} speculated tokens but "
+                               f"{len(rec.drafts)} draft distributions")
+        q = sampling_distribution(torch.stack(rec.drafts), rec.params) if rec.drafts else rows[:0].float()
+        return sampled_verdict(draft, q, sampling_distribution(rows, rec.params))
+
+    # --- ends ---------------------------------------------------------------------------------
+
+    def abort(self, scheduler, abort_req) -> None:
+        """After SGLang's ``abort_request``: end the matching speculating requests it cannot see."""
+        for rec in list(self.records.values()):
+            req = rec.req
+            if not (abort_req.abort_all or req.rid.startswith(abort_req.rid)):
+                continue
+            if req.finished():  # SGLang aborted it in its waiting queue and freed it
+                self._end(rec, failure="aborted")
+            elif rec.paused:  # out of every SGLang queue: end it here
+                self._finish(scheduler, rec, FINISH_ABORT(abort_req.abort_message, HTTPStatus.SERVICE_UNAVAILABLE)
+                             if abort_req.abort_message else FINISH_ABORT())
+            # else it is in the running batch: SGLang finishes it after one more step (guard_finish)
+
+    def _finish(self, scheduler, rec: Speculation, reason) -> None:
+        """End a request that is out of the running batch, with its verified tokens only."""
+        req = rec.req
+        self._end(rec, failure=reason.message)
+        logger.warning("Lynx: request %s ends after its first token: %s", req.rid, reason.message)
+        req.finished_reason = reason
+        release_kv_cache(req, scheduler.tree_cache, checkpoint=False)
+        scheduler.output_streamer.stream_output([req], req.return_logprob)
+
+    def _end(self, rec: Speculation, **fields) -> None:
+        """Forget a speculation that will not be verified: drop its unverified tokens."""
+        req = rec.req
+        del self.records[req.rid]
+        req.output_ids = req.output_ids[:VERIFIED]
+        if req.return_logprob:
+            _truncate_logprobs(req, VERIFIED)
+        rec.anchored.close(speculated=rec.speculated, **fields)
+
+
+_LOGPROB_LISTS = ("output_token_logprobs_val", "output_token_logprobs_idx", "output_top_logprobs_val",
+                  "output_top_logprobs_idx", "output_token_ids_logprobs_val", "output_token_ids_logprobs_idx")
+
+
+def _truncate_logprobs(req, n: int) -> None:
+    for name in _LOGPROB_LISTS:
+        values = getattr(req.logprob, name)
+        if values is not None:
+            del values[n:]
+
+
+def _replace_logprobs(req, rows: torch.Tensor, tokens: list[int], params: SamplingParams) -> None:
+    """The exact model's logprobs for the kept tokens, as SGLang's sampler reports them:
+    log softmax(logits / T), before top-k/top-p/min-p (T = 1 when greedy)."""
+    lp = req.logprob
+    _truncate_logprobs(req, VERIFIED)
+    temperature = 1.0 if params.greedy else params.temperature
+    logprobs = torch.log_softmax(rows.float() / temperature, dim=-1)
+    logprobs.clamp_(min=torch.finfo(logprobs.dtype).min)
+    for row, token in zip(logprobs, tokens):
+        lp.output_token_logprobs_val.append(row[token].item())
+        lp.output_token_logprobs_idx.append(token)
+        if lp.top_logprobs_num > 0:
+            values, indices = row.topk(lp.top_logprobs_num)
+            lp.output_top_logprobs_val.append(values.tolist())
+            lp.output_top_logprobs_idx.append(indices.tolist())
+        if lp.token_ids_logprob is not None:
+            lp.output_token_ids_logprobs_val.append(row[list(lp.token_ids_logprob)].tolist())
+            lp.output_token_ids_logprobs_idx.append(list(lp.token_ids_logprob))
