@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit bench-codec bench-ttft cluster-up cluster-down clean
+.PHONY: setup demo test test-unit bench-codec bench-ttft bench-speculation bench-agreement cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,14 @@ bench-codec: setup
 bench-ttft: setup
 	$(PY) -m sglang_lynx.bench ttft --modes raw,int8,int4,lynx --bandwidth-mbps 2 --input-len 128 \
 		--output-len 16 --num-prompts 3 --json bench-ttft.json --plot bench-ttft.png
+
+# Time to the 2nd and 32nd token: speculation on the Anchor while the Residual streams in.
+bench-speculation: setup
+	$(PY) -m sglang_lynx.bench ttft --modes int8,int4,lynx --bandwidth-mbps 5 --input-len 256 \
+		--output-len 32 --num-prompts 5 --json bench-speculation.json
+
+bench-agreement: setup
+	$(PY) -m sglang_lynx.bench agreement --num-prompts 100 --json bench-agreement.json
 
 cluster-up: setup
 	@bash scripts/pd_cluster.sh up

@@ -1,8 +1,12 @@
 import pytest
 
-from sglang_lynx.client import complete
-from sglang_lynx.cluster import SingleServer
-from sglang_lynx.models import smollm2
+from sglang_lynx.compat import cpu
+
+cpu.activate()  # before any test imports SGLang, as the launcher does
+
+from sglang_lynx.client import complete  # noqa: E402
+from sglang_lynx.cluster import SingleServer  # noqa: E402
+from sglang_lynx.models import smollm2  # noqa: E402
 
 MAX_TOKENS = 24
 PROMPTS = {

@@ -1,15 +1,20 @@
 """Each Lynx mode end to end: real SGLang workers, real Mooncake writes, the real model.
 
-raw answers exactly like SGLang's own transfer; lynx exactly like int8 (its Residual refines
-the KV to INT8 before any token after the first is computed); int4 serves from the Anchor alone.
-The link is paced so that the Residual takes a visible time.
+raw answers exactly like SGLang's own transfer; int4 serves from the Anchor alone; int8 from exact
+INT8 KV. lynx decodes on the Anchor while its Residual streams in, shows no client a token before
+verification, and answers exactly like int8. Its link is slow enough, and its requests many enough
+at once, that every request speculates for a while before its Residual lands.
 """
 
 import json
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
+from scipy.stats import chi2_contingency
 
 from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster
@@ -19,67 +24,320 @@ from conftest import MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.e2e
 
-BANDWIDTH_MBPS = 40  # the long prompt's Residual (~2.9 MB) takes ~0.6 s
-MODES = ["raw", "int8", "lynx", "int4"]  # int8 answers first: lynx is compared with them
-answers_by_mode: dict[str, dict] = {}
+# lynx: a link slow enough that even a request alone on it decodes 16 tokens on the Anchor before its
+# Residual (~6 KB a token here) lands; 16-token pages, so that a short prompt ships little. int8, its
+# reference, has the same codec settings; its output does not depend on the link.
+LINK_MBPS = 4
+GROUP = 16
+CAP = 24  # speculated tokens before the Residual must land (default 64: lower, to see the cap hold)
+MODES = {  # int8 answers first: lynx is compared with it
+    "raw": LynxConfig(mode="raw", bandwidth_mbps=40),  # fp32 pages: 7x the bytes of int4
+    "int8": LynxConfig(mode="int8", bandwidth_mbps=40, group_size=GROUP),
+    "lynx": LynxConfig(mode="lynx", bandwidth_mbps=LINK_MBPS, group_size=GROUP, max_speculative_tokens=CAP),
+    "int4": LynxConfig(mode="int4", bandwidth_mbps=16),
+}
+SERVER_ARGS = {"lynx": ["--enable-metrics"]}
+
+# Varied text, completions and chat, asked all at once behind a shared preamble (prefill computes it
+# once; every request still ships all its KV): a Residual waits behind the Anchors of the others, or,
+# alone on the link, still takes longer than 16 decode steps.
+PREAMBLE = (
+    "The following is a collection of short passages written by students in an evening class on "
+    "writing. Each student was given the opening of a text, or a question, and asked to continue it in "
+    "plain English, without lists or headings, in the voice of a patient teacher who explains things "
+    "clearly to a curious reader. The passages cover history, science, cooking, travel, literature, "
+    "programming and everyday life. Some are serious and some are light-hearted, but all of them try "
+    "to be accurate, kind and easy to follow. The teacher collected them at the end of the term and "
+    "kept the best ones for the next class. Here is one of them.\n\n")
+SPECULATION_PROMPTS = [PREAMBLE + text for text in (
+    "The old lighthouse keeper climbed the stairs every evening, and",
+    "In 1858, the city of London suffered through a hot summer known as",
+    "Photosynthesis is the process by which green plants",
+    "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n",
+    "Dear Professor Smith,\n\nI am writing to ask whether",
+    "The recipe calls for two cups of flour, one egg and",
+    "Once the train left the station, Maria opened the letter and read",
+    "The three laws of thermodynamics can be summarised as follows:",
+    "Chess is a game of strategy in which each player",
+    "To be, or not to be, that is the question:",
+    "The stock market fell sharply on Monday after",
+    "Volcanoes form when molten rock from deep inside the Earth",
+)] + [[{"role": "system", "content": PREAMBLE}, {"role": "user", "content": question}] for question in (
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about autumn leaves.",
+    "Give me three tips for learning a new language.",
+    "What is the difference between weather and climate?",
+    "Translate 'good morning' into French, Spanish and German.",
+    "Describe a cat to someone who has never seen one.",
+    "How do I boil an egg?",
+    "Summarise the plot of Romeo and Juliet.",
+    "Suggest a weekend trip from Paris.",
+    "What are prime numbers? Give examples.",
+    "Write the opening line of a mystery novel.",
+    "Why do we have seasons?",
+)]
+SPECULATION_MAX_TOKENS = 32
+MEDIUM = SPECULATION_PROMPTS[0]  # ~150 tokens: a Residual of ~1.7 s here
+SAMPLING_PROMPT = "Here is a list of fruits: apple, banana, cherry,"  # a few likely tokens at each step
+SAMPLES = 200
+
+answers: dict[str, dict] = {}  # mode -> name -> answer, for comparing modes
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=list(MODES))
 def lynx_cluster(request, model_path, reference, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp(request.param)
     timings = log_dir / "timings.jsonl"
-    lynx = LynxConfig(mode=request.param, bandwidth_mbps=BANDWIDTH_MBPS, timings_file=str(timings))
-    with PDCluster(ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir)) as cluster:
+    config = MODES[request.param]
+    lynx = LynxConfig(**{**config.__dict__, "timings_file": str(timings)})
+    spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir,
+                       server_args=SERVER_ARGS.get(request.param, []))
+    with PDCluster(spec) as cluster:
+        answers[request.param] = {"started": lynx_state(cluster)}
         yield request.param, cluster, timings
 
 
-def ask_everything(url: str) -> dict:
-    return {(name, stream): complete(url, prompt, max_tokens=MAX_TOKENS, stream=stream).text
-            for name, prompt in PROMPTS.items() for stream in (False, True)}
+def lynx_state(cluster) -> dict:
+    """The decode worker's ``lynx`` section of /server_info."""
+    info = requests.get(f"{cluster.spec.decode_url}/server_info", timeout=60).json()
+    return info["internal_states"][0]["lynx"]
+
+
+def records(timings, role: str) -> list[dict]:
+    return [r for r in map(json.loads, timings.read_text().splitlines()) if r["role"] == role]
+
+
+def decode_record(timings, rid: str) -> dict:
+    return next(r for r in records(timings, "decode") if r.get("rid") == rid)
+
+
+def only(mode, *modes):
+    if mode not in modes:
+        pytest.skip(f"applies to {', '.join(modes)}")
 
 
 def test_greedy_answers_per_mode(lynx_cluster, reference):
     mode, cluster, _ = lynx_cluster
-    answers = answers_by_mode[mode] = ask_everything(cluster.spec.router_url)
-    assert all(text.strip() for text in answers.values())
+    only(mode, "raw", "int8", "int4")  # lynx is compared with int8 on many more prompts below
+    got = {(name, stream): complete(cluster.spec.router_url, prompt, max_tokens=MAX_TOKENS, stream=stream).text
+           for name, prompt in PROMPTS.items() for stream in (False, True)}
+    answers[mode]["prompts"] = got
+    assert all(text.strip() for text in got.values())
     if mode == "raw":  # pool bytes unchanged: exactly SGLang's own output
-        assert answers == {(name, s): reference[name] for name, s in answers}
+        assert got == {(name, s): reference[name] for name, s in got}
     if mode == "int8":  # INT8 KV is near-lossless: most answers stay the same as full precision
-        same = sum(answers[(name, False)] == reference[name] for name in PROMPTS)
+        same = sum(got[(name, False)] == reference[name] for name in PROMPTS)
         assert same >= len(PROMPTS) // 2, f"only {same} of {len(PROMPTS)} int8 answers equal fp32"
-    if mode == "lynx":
-        assert "int8" in answers_by_mode, "the int8 cluster runs first"
-        assert answers == answers_by_mode["int8"]
 
 
 def test_every_request_is_timed_and_the_residual_travels_only_in_lynx_mode(lynx_cluster):
     mode, cluster, timings = lynx_cluster
-    complete(cluster.spec.router_url, PROMPTS["long"], max_tokens=4)
-    records = [json.loads(line) for line in timings.read_text().splitlines()]
-    prefill = [r for r in records if r["role"] == "prefill"]
-    decode = [r for r in records if r["role"] == "decode"]
+    complete(cluster.spec.router_url, MEDIUM, max_tokens=4)
+    prefill, decode = records(timings, "prefill"), records(timings, "decode")
     assert prefill and decode
     last = prefill[-1]
     assert last["first_stream_bytes"] > 0
     assert ("residual_bytes" in last) == (mode == "lynx")
-    if mode in ("int4", "lynx"):  # the 4-bit Anchor plus scales, whole 64-token pages of 11520 values
+    if mode == "int4":  # the 4-bit Anchor plus scales, whole 64-token pages of 11520 values
         token_slots = math.ceil(last["tokens"] / 64) * 64
         assert last["first_stream_bytes"] < token_slots * 11520 * 0.6
+    if mode == "lynx":  # 4 of 8 bits, and the scales of 16-token groups, go first
+        assert last["first_stream_bytes"] < 0.65 * (last["first_stream_bytes"] + last["residual_bytes"])
 
 
-def test_lynx_streams_the_first_token_before_the_residual_is_applied(lynx_cluster):
+def ask_all_at_once(url: str) -> list:
+    """Every speculation prompt at once, streaming every other one; (answer, send time) each."""
+    def ask(i):
+        sent = time.time()
+        answer = complete(url, SPECULATION_PROMPTS[i], max_tokens=SPECULATION_MAX_TOKENS, stream=i % 2 == 1,
+                          ignore_eos=True)  # every request runs past the cap (stops are tested below)
+        return answer, sent
+
+    with ThreadPoolExecutor(len(SPECULATION_PROMPTS)) as pool:
+        return list(pool.map(ask, range(len(SPECULATION_PROMPTS))))
+
+
+def test_greedy_lynx_equals_int8_while_speculating_and_rolling_back(lynx_cluster):
     mode, cluster, timings = lynx_cluster
-    if mode != "lynx":
-        pytest.skip("only lynx mode has a second stream")
+    only(mode, "int8", "lynx")
+    results = ask_all_at_once(cluster.spec.router_url)
+    answers[mode]["speculation"] = results
+    if mode == "int8":
+        return
+    texts = [answer.text for answer, _ in results]
+    assert texts == [answer.text for answer, _ in answers["int8"]["speculation"]]
+    decoded = [decode_record(timings, answer.id) for answer, _ in results]
+    speculated = [r["speculated"] for r in decoded]
+    assert min(speculated) >= 16, f"every request speculates at least 16 tokens; got {speculated}"
+    assert any(r["rolled_back"] > 0 for r in decoded), "no request rolled back a speculated token"
+    assert any(r["accepted"] > 0 for r in decoded)
+
+
+def test_no_client_sees_a_token_before_it_is_verified(lynx_cluster):
+    """Streamed answers equal int8's word for word (test above), and after the first token (exact,
+    from prefill) nothing reaches the client before its request's verification."""
+    mode, _, timings = lynx_cluster
+    only(mode, "lynx")
+    streamed = [(answer, sent) for answer, sent in answers["lynx"]["speculation"] if len(answer.chunks) > 1]
+    assert streamed
+    for answer, sent in streamed:
+        verified_at = decode_record(timings, answer.id)["residual_applied"]
+        assert all(sent + t >= verified_at for t in answer.chunk_times[1:]), "a token streamed before verification"
+
+
+def test_the_first_token_comes_before_the_residual_is_applied(lynx_cluster):
+    mode, cluster, timings = lynx_cluster
+    only(mode, "lynx")
     sent = time.time()
-    answer = complete(cluster.spec.router_url, PROMPTS["long"], max_tokens=8, stream=True)
-    first_token_at = sent + answer.ttft_s
-    records = [json.loads(line) for line in timings.read_text().splitlines()]
-    decode = [r for r in records if r["role"] == "decode"][-1]
-    prefill = [r for r in records if r["role"] == "prefill"][-1]
-    assert decode["first_token_streamed"] < decode["residual_landed"] <= decode["residual_applied"]
-    assert first_token_at < decode["residual_applied"], \
-        f"first token reached the client {first_token_at - decode['residual_applied']:.3f} s after refinement"
+    answer = complete(cluster.spec.router_url, MEDIUM, max_tokens=8, stream=True)
+    record = decode_record(timings, answer.id)
+    prefill = next(r for r in records(timings, "prefill") if r["room"] == record["room"])
+    assert record["first_token_streamed"] < record["residual_landed"] <= record["residual_applied"]
+    assert sent + answer.ttft_s < record["residual_applied"]
     # The first token did not wait behind the Residual on the link: most of it crossed afterwards.
-    residual_s = prefill["residual_bytes"] * 8 / (BANDWIDTH_MBPS * 1e6)
-    assert decode["residual_landed"] - decode["first_token_streamed"] >= 0.8 * residual_s
+    residual_s = prefill["residual_bytes"] * 8 / (LINK_MBPS * 1e6)
+    assert record["residual_landed"] - record["first_token_streamed"] >= 0.8 * residual_s
+
+
+def test_the_cap_holds(lynx_cluster):
+    mode, _, timings = lynx_cluster
+    only(mode, "lynx")
+    decoded = [decode_record(timings, answer.id) for answer, _ in answers["lynx"]["speculation"]]
+    assert max(r["speculated"] for r in decoded) == CAP
+    assert all(r["speculated"] <= CAP for r in records(timings, "decode") if "speculated" in r)
+    assert any("paused" in r for r in decoded)
+
+
+def test_length_stop_and_eos_met_while_speculating_finish_after_verification(lynx_cluster):
+    mode, cluster, timings = lynx_cluster
+    only(mode, "int8", "lynx")
+    url = cluster.spec.router_url
+    # A word from the middle of int8's plain answer: the stop string is met on a speculated token.
+    stop_word = answers["int8"]["prompts"][("story", False)].split()[4]
+    cases = {  # each stops within the tokens a request speculates here
+        "max_tokens": dict(prompt=MEDIUM, max_tokens=6),
+        "stop string": dict(prompt=PROMPTS["story"], max_tokens=SPECULATION_MAX_TOKENS, stop=[stop_word]),
+        "eos": dict(prompt=[{"role": "user", "content": "Answer with one word: what colour is grass?"}],
+                    max_tokens=SPECULATION_MAX_TOKENS),
+    }
+    got = {}
+    for name, case in cases.items():
+        for stream in (False, True):
+            answer = complete(url, stream=stream, **case)
+            got[(name, stream)] = (answer.text, answer.finish_reason)
+            if mode == "lynx":
+                record = decode_record(timings, answer.id)
+                assert "residual_applied" in record and record["speculated"] >= 1, record
+    assert got[("max_tokens", False)][1] == "length" and got[("eos", False)][1] == "stop"
+    assert got[("stop string", False)][1] == "stop" and stop_word not in got[("stop string", False)][0]
+    answers[mode]["stops"] = got
+    if mode == "lynx":
+        assert got == answers["int8"]["stops"]
+
+
+def test_a_request_done_after_its_first_token_does_not_wait_for_its_residual(lynx_cluster):
+    mode, cluster, timings = lynx_cluster
+    only(mode, "lynx")
+    sent = time.time()
+    answer = complete(cluster.spec.router_url, MEDIUM, max_tokens=1)
+    answered = sent + answer.total_s
+    time.sleep(3)  # let the Residual finish crossing the link
+    record = decode_record(timings, answer.id)
+    residual_sent = next(r for r in records(timings, "prefill") if r["room"] == record["room"])["residual_sent"]
+    assert record.get("finished_on_first_token") and "residual_landed" not in record
+    assert answered < residual_sent
+
+
+def test_logprobs_are_the_exact_model_s(lynx_cluster):
+    mode, cluster, timings = lynx_cluster
+    only(mode, "int8", "lynx")
+    answer = complete(cluster.spec.router_url, MEDIUM, max_tokens=12, logprobs=3)
+    answers[mode]["logprobs"] = answer
+    if mode == "int8":
+        return
+    assert decode_record(timings, answer.id)["speculated"] >= 1
+    ours, int8 = answer.logprobs, answers["int8"]["logprobs"].logprobs
+    assert ours["tokens"] == int8["tokens"] and len(ours["tokens"]) == 12
+    assert ours["token_logprobs"] == pytest.approx(int8["token_logprobs"], abs=2e-3)
+    for mine, theirs in zip(ours["top_logprobs"], int8["top_logprobs"]):
+        assert mine.keys() == theirs.keys()
+
+
+def test_sampled_tokens_follow_the_distribution_of_int8(lynx_cluster):
+    """The next 4 tokens of a fixed prompt at temperature 1, SAMPLES times per mode. At each of the
+    speculated positions (2 to 4), a chi-square test of homogeneity between lynx's and int8's tokens,
+    at significance 0.001 (tokens seen fewer than 10 times in both runs together are pooled)."""
+    mode, cluster, timings = lynx_cluster
+    only(mode, "int8", "lynx")
+
+    def sample(_):
+        return complete(cluster.spec.router_url, SAMPLING_PROMPT, max_tokens=4, temperature=1.0,
+                        ignore_eos=True, logprobs=0)
+
+    with ThreadPoolExecutor(24) as pool:
+        samples = list(pool.map(sample, range(SAMPLES)))
+    answers[mode]["samples"] = [s.logprobs["tokens"] for s in samples]
+    if mode == "int8":
+        return
+    speculated = [decode_record(timings, s.id)["speculated"] for s in samples]
+    assert sum(n >= 3 for n in speculated) >= SAMPLES // 2, "most samples must have speculated all 3 tokens"
+    categories = []
+    for position in (1, 2, 3):
+        lynx, int8 = ([tokens[position] for tokens in run] for run in (answers["lynx"]["samples"],
+                                                                        answers["int8"]["samples"]))
+        frequent = sorted(t for t in set(lynx) | set(int8) if lynx.count(t) + int8.count(t) >= 10)
+        table = [[run.count(t) for t in frequent] + [sum(t not in frequent for t in run)] for run in (lynx, int8)]
+        table = [column for column in zip(*table) if sum(column) > 0]
+        categories.append(len(table))
+        if len(table) > 1:
+            assert chi2_contingency(list(zip(*table))).pvalue > 1e-3, f"token {position + 1}: {table}"
+    assert max(categories) >= 3, "the prompt must leave the model several likely tokens somewhere"
+
+
+def test_a_request_aborted_mid_speculation_shows_nothing_unverified_and_frees_its_kv(lynx_cluster):
+    """SGLang's own abort (what its HTTP server does when a client leaves) on the decode worker, while
+    the request decodes on the Anchor. (sglang-router 0.3.2 does not pass a client's disconnect on to
+    the workers: the request then runs to its end and is freed as usual.)"""
+    mode, cluster, timings = lynx_cluster
+    only(mode, "lynx")
+    body = {"model": "default", "prompt": MEDIUM, "max_tokens": 64, "stream": True, "temperature": 0}
+    with requests.post(f"{cluster.spec.router_url}/v1/completions", json=body, stream=True, timeout=120) as r:
+        events = (json.loads(line[5:]) for line in r.iter_lines()
+                  if line.startswith(b"data:") and line != b"data: [DONE]")
+        first = next(events)
+        assert lynx_state(cluster)["speculating"] == 1, "the abort comes while the request speculates"
+        requests.post(f"{cluster.spec.decode_url}/abort_request", json={"rid": first["id"]}, timeout=60)
+        rest = list(events)
+    shown = first["choices"][0]["text"] + "".join(e["choices"][0]["text"] for e in rest if e.get("choices"))
+    assert shown == first["choices"][0]["text"], "only the first (exact) token was shown"
+    assert any(e.get("choices") and e["choices"][0]["finish_reason"] == "abort" or "error" in e for e in rest)
+    record = decode_record(timings, first["id"])
+    assert "failure" in record and "residual_applied" not in record
+
+
+def test_speculation_counters_are_exported_with_sglang_s_prometheus_metrics(lynx_cluster):
+    mode, cluster, _ = lynx_cluster
+    only(mode, "lynx")
+    text = requests.get(f"{cluster.spec.decode_url}/metrics", timeout=60).text
+    counter = lambda name: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                               if line.startswith(f"sglang:lynx_{name}_total"))
+    state = lynx_state(cluster)
+    assert counter("speculated_tokens") == state["speculated_tokens"] > 0
+    assert counter("accepted_tokens") == state["accepted_tokens"] > 0
+    assert counter("verify_passes") == state["verify_passes"] > 0
+    assert counter("rollbacks") == state["rolled_back_requests"] > 0
+
+
+def test_nothing_is_left_held_after_the_requests(lynx_cluster):
+    """Decode's KV slots and Lynx rows are back at their starting count, aborts included."""
+    mode, cluster, _ = lynx_cluster
+    started, deadline = answers[mode]["started"], time.time() + 60
+    while True:
+        state = lynx_state(cluster)
+        settled = (state["free_kv_tokens"] == started["free_kv_tokens"] and state["rows_in_use"] == 0
+                   and state.get("speculating", 0) == 0)
+        if settled or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert state["free_kv_tokens"] == started["free_kv_tokens"] == started["total_kv_tokens"]
+    assert state["rows_in_use"] == 0 and state.get("speculating", 0) == 0

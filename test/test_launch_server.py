@@ -23,6 +23,15 @@ def test_quantized_modes_make_a_page_hold_whole_codec_blocks_unless_told_otherwi
     assert lynx_server_args(LynxConfig(mode="raw"), []) == []  # raw sends the pool's own pages
 
 
+def test_a_lynx_decode_worker_schedules_without_overlap_and_says_so(capsys):
+    argv = ["--disaggregation-mode", "decode"]
+    assert lynx_server_args(LynxConfig(mode="lynx"), argv)[-1] == "--disable-overlap-schedule"
+    assert "overlap scheduling is off" in capsys.readouterr().err
+    assert "--disable-overlap-schedule" not in lynx_server_args(LynxConfig(mode="int8"), argv)
+    assert "--disable-overlap-schedule" not in lynx_server_args(LynxConfig(mode="lynx"),
+                                                                  ["--disaggregation-mode=prefill"])
+
+
 def run_launcher(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sglang_lynx.launch_server", *argv],
                           capture_output=True, text=True, timeout=300)

@@ -80,7 +80,8 @@ def test_pages_land_in_the_decode_pool_at_their_new_places(mode):
     prefill = PageRows(config, prefill_pool, 64, 6)
     decode = PageRows(config, decode_pool, 64, 6)
     src_pages, dst_pages, n = [1, 4, 2], [5, 0, 3], 150  # last page partly filled
-    prefill.encode(src_pages, n, room=77)
+    prefill.encode(src_pages, n)
+    prefill.stamp(src_pages, n, room=77)
     send(prefill, decode, src_pages, dst_pages, residual=False)
     decode.land(dst_pages, n, room=77, merged=mode == "int8")
 
@@ -106,7 +107,8 @@ def test_a_page_of_several_codec_blocks_lands_partly_filled():
     config = LynxConfig(mode="int8", group_size=32)  # a 64-token page holds two blocks
     prefill_pool, decode_pool = fake_pool(seed=4), fake_pool(seed=5)
     prefill, decode = PageRows(config, prefill_pool, 64, 6), PageRows(config, decode_pool, 64, 6)
-    prefill.encode([2, 3], 64 + 20, room=9)  # the second page holds 20 tokens: one block
+    prefill.encode([2, 3], 64 + 20)  # the second page holds 20 tokens: one block
+    prefill.stamp([2, 3], 64 + 20, room=9)
     send(prefill, decode, [2, 3], [4, 1], residual=True)
     decode.land([4, 1], 64 + 20, room=9, merged=True)
     kv = prefill._gather(tokens([2, 3], 84))
@@ -130,7 +132,8 @@ def test_decode_refuses_stale_rows_and_rows_of_other_settings():
     decode = PageRows(LynxConfig(mode="lynx"), fake_pool(), 64, 6)
     with pytest.raises(LynxTransferError, match="is the prefill worker running with --lynx-mode lynx"):
         decode.land([0], 64, room=5, merged=False)
-    prefill.encode([0], 64, room=5)
+    prefill.encode([0], 64)
+    prefill.stamp([0], 64, room=5)
     decode.rows[0, :32] = prefill.rows[0, :32]
     with pytest.raises(LynxTransferError, match="prefill sent mode=lynx anchor_bits=3 .* decode expects mode=lynx anchor_bits=4"):
         decode.land([0], 64, room=5, merged=False)
@@ -152,3 +155,68 @@ def test_residual_jobs_are_bounded_and_cover_every_byte_once():
     assert jobs[2] == [(1240, 9240, 10), (5000, 7000, 100)]
     covered = sorted((s, d, n) for job in jobs for s, d, n in job)
     assert sum(n for _, _, n in covered) == 350 and covered[0] == (1000, 9000, 120)
+
+
+def test_a_prefill_page_shared_by_two_requests_reaches_each_with_its_own_header():
+    """A radix-cached prefix page is encoded for each request using it; each send names its request."""
+    config = LynxConfig(mode="lynx")
+    prefill = PageRows(config, fake_pool(seed=6), 64, 6)
+    decode_a, decode_b = (PageRows(config, fake_pool(seed=s), 64, 6) for s in (7, 8))
+    prefill.encode([1, 2], 128)  # request A: shared page 1, own page 2
+    prefill.encode([1, 3], 100)  # request B: shared page 1, own page 3, encoded before A's send
+    for room, decode, src in ((11, decode_a, [1, 2]), (12, decode_b, [1, 3])):
+        prefill.stamp(src, 128 if room == 11 else 100, room)
+        send(prefill, decode, src, [4, 5], residual=False)
+    decode_a.land([4, 5], 128, room=11, merged=False)
+    decode_b.land([4, 5], 100, room=12, merged=False)
+
+
+class FakeDecodeManager:
+    """What an Anchored request uses of the decode worker's Lynx KV manager."""
+
+    def __init__(self, waiting_timeout):
+        from sglang_lynx.streams.timings import Timings
+
+        self.waiting_timeout, self.arrivals, self.abandoned, self.forgotten = waiting_timeout, {}, [], []
+        self.timings = Timings(None, role="decode")
+        self.rows = types.SimpleNamespace(forget=self.forgotten.append)
+
+    def take_residual_arrival(self, room):
+        return self.arrivals.pop(room, None)
+
+    def abandon_residual(self, room):
+        self.abandoned.append(room)
+
+
+def test_an_anchored_request_learns_of_its_residual_once_or_gives_up_after_the_timeout():
+    from sglang_lynx.streams.landing import Anchored
+    from sglang_lynx.streams.mooncake import ResidualArrival
+
+    manager = FakeDecodeManager(waiting_timeout=60)
+    waiting = Anchored(manager, [3, 4], 100, room=7, since=time.time())
+    assert waiting.take_residual() is None
+    manager.arrivals[7] = ResidualArrival(None, 123.0)
+    assert waiting.take_residual() == (None, 123.0) and waiting.take_residual() is None
+    waiting.close()
+    assert manager.forgotten == [[3, 4]] and manager.abandoned == []  # nothing more is coming
+
+    late = Anchored(manager, [5], 10, room=8, since=time.time() - 61)
+    failure, _ = late.take_residual()
+    assert failure.startswith("the Residual did not arrive within 61 s")
+    late.close(failure=failure)
+    assert manager.abandoned == [8]  # dropped if it still comes
+
+
+def test_a_residual_for_a_request_that_already_ended_is_dropped_when_it_lands():
+    from sglang_lynx.streams.mooncake import RESIDUAL_MESSAGE, LynxKVManager
+
+    decode = types.SimpleNamespace(residual_arrivals={}, abandoned_rooms=set(), _arrivals_lock=threading.Lock(),
+                                   residual_landed=threading.Event())
+    message = lambda room: [RESIDUAL_MESSAGE, str(room).encode(), b"1", b""]
+    LynxKVManager.abandon_residual(decode, 5)  # ended before its Residual came
+    LynxKVManager._on_residual_message(decode, message(5))
+    LynxKVManager._on_residual_message(decode, message(6))
+    assert set(decode.residual_arrivals) == {6} and not decode.abandoned_rooms
+    assert decode.residual_landed.is_set()  # an idle scheduler wakes up for it
+    LynxKVManager.abandon_residual(decode, 6)  # ended after it came
+    assert not decode.residual_arrivals and not decode.abandoned_rooms

@@ -1,11 +1,15 @@
-"""A minimal client of SGLang's OpenAI-compatible API that also times the first token."""
+"""A minimal client of SGLang's HTTP APIs that times every streamed chunk.
+
+``complete`` speaks the OpenAI-compatible API (completions and chat); ``generate`` SGLang's native
+``/generate``, whose chunks also carry the number of tokens generated so far.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import requests
 
@@ -19,7 +23,15 @@ class Completion:
     last_token_s: float  # request sent -> last generated text received
     total_s: float
     finish_reason: Optional[str]
-    chunks: int  # streamed chunks that carried text (1 when not streaming)
+    chunks: list[str]  # the pieces of text, in arrival order (one when not streaming)
+    chunk_times: list[float]  # seconds from sending the request to each piece
+    chunk_tokens: list[int] = dataclasses.field(default_factory=list)  # tokens so far, when known
+    logprobs: Optional[dict] = None  # the choice's logprobs (OpenAI API, not streaming)
+    id: Optional[str] = None  # SGLang's request id
+
+    def time_to_token(self, k: int) -> float:
+        """Seconds from sending the request until its k-th generated token arrived."""
+        return next(t for count, t in zip(self.chunk_tokens, self.chunk_times) if count >= k)
 
 
 def complete(base_url: str, prompt: Prompt, *, max_tokens: int = 32, stream: bool = False,
@@ -32,31 +44,65 @@ def complete(base_url: str, prompt: Prompt, *, max_tokens: int = 32, stream: boo
     url = f"{base_url}/v1/{'chat/completions' if chat else 'completions'}"
     start = time.perf_counter()
     with requests.post(url, json=body, stream=stream, timeout=timeout) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{url} answered HTTP {r.status_code}: {r.text[:500]}")
+        _raise_for_status(url, r)
         if not stream:
-            choice = r.json()["choices"][0]
+            response = r.json()
+            choice = response["choices"][0]
             now = time.perf_counter() - start
             text = choice["message"]["content"] if chat else choice["text"]
-            return Completion(text, now, now, now, choice.get("finish_reason"), 1)
-        parts, ttft, last, finish, chunks = [], None, None, None, 0
-        for line in r.iter_lines():
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event:
-                raise RuntimeError(f"{url} streamed an error: {event['error']}")
-            choice = event["choices"][0]
-            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-            if piece:
-                last = time.perf_counter() - start
-                ttft = ttft if ttft is not None else last
-                parts.append(piece)
-                chunks += 1
-            finish = choice.get("finish_reason") or finish
-        total = time.perf_counter() - start
-        return Completion("".join(parts), total if ttft is None else ttft, total if last is None else last,
-                          total, finish, chunks)
+            return Completion(text, now, now, now, choice.get("finish_reason"), [text], [now],
+                              logprobs=choice.get("logprobs"), id=response.get("id"))
+        chunks, times, finish, rid = [], [], None, None
+        for event in _events(url, r):
+            rid = rid or event.get("id")
+            for choice in event.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                if piece:
+                    chunks.append(piece)
+                    times.append(time.perf_counter() - start)
+                finish = choice.get("finish_reason") or finish
+        return _streamed(chunks, times, [], time.perf_counter() - start, finish, rid)
+
+
+def generate(base_url: str, text: str, *, max_tokens: int = 32, temperature: float = 0.0,
+             timeout: float = 600, **sampling) -> Completion:
+    """POST /generate, streaming: every chunk says how many tokens have been generated."""
+    url = f"{base_url}/generate"
+    body = {"text": text, "stream": True,
+            "sampling_params": {"max_new_tokens": max_tokens, "temperature": temperature, **sampling}}
+    start = time.perf_counter()
+    with requests.post(url, json=body, stream=True, timeout=timeout) as r:
+        _raise_for_status(url, r)
+        chunks, times, counts, finish, rid, sent = [], [], [], None, None, 0
+        for event in _events(url, r):
+            meta = event["meta_info"]
+            rid, finish = meta["id"], (meta.get("finish_reason") or {}).get("type") or finish
+            if len(event["text"]) > sent:  # each event carries the whole text so far
+                chunks.append(event["text"][sent:])
+                sent = len(event["text"])
+                times.append(time.perf_counter() - start)
+                counts.append(meta["completion_tokens"])
+        return _streamed(chunks, times, counts, time.perf_counter() - start, finish, rid)
+
+
+def _streamed(chunks, times, counts, total, finish, rid) -> Completion:
+    first, last = (times[0], times[-1]) if times else (total, total)
+    return Completion("".join(chunks), first, last, total, finish, chunks, times, counts, id=rid)
+
+
+def _events(url: str, response) -> Iterator[dict]:
+    for line in response.iter_lines():
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise RuntimeError(f"{url} streamed an error: {event['error']}")
+        yield event
+
+
+def _raise_for_status(url: str, response) -> None:
+    if response.status_code != 200:
+        raise RuntimeError(f"{url} answered HTTP {response.status_code}: {response.text[:500]}")

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                               max_tokens=args.max_tokens, stream=True)
             print(f"assistant: {answer.text.strip()}\n")
             print(f"time to first token: {answer.ttft_s * 1000:.0f} ms")
-            print(f"total time:          {answer.total_s * 1000:.0f} ms ({answer.chunks} streamed chunks)")
+            print(f"total time:          {answer.total_s * 1000:.0f} ms ({len(answer.chunks)} streamed chunks)")
             print("shutting down ...")
     except KeyboardInterrupt:
         print("\ninterrupted: cluster stopped", file=sys.stderr)

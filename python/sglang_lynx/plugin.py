@@ -16,6 +16,8 @@ target                                                             hook    what 
 ``...PrefillMixin.process_disagg_prefill_inflight_queue``          AFTER   release them then
 ``DecodeTransferQueue._commit_transfer_to_req``                    AROUND  land the first stream
 ``Scheduler.is_fully_idle``                                        AFTER   pending Lynx work is work
+``SchedulerInternalStateController.get_internal_state``            AFTER   a ``lynx`` section in
+                                                                           ``/server_info``
 =================================================================  ======  ============================
 
 and in ``lynx`` mode, speculation (``sglang_lynx.speculation.hooks``):
@@ -31,6 +33,8 @@ and in ``lynx`` mode, speculation (``sglang_lynx.speculation.hooks``):
 ``ScheduleBatch.retract_decode``                                   AROUND  pause, never retract,
                                                                            speculating requests
 ``ModelRunner.sample``                                             AROUND  keep draft logits (sampling)
+``TorchNativeAttnBackend._run_sdpa_forward_extend``                AROUND  verify pass: attend from the
+                                                                           new tokens only (CPU)
 ``Scheduler.abort_request``                                        AFTER   abort paused requests
 ``Scheduler.on_idle``                                              AFTER   sleep until a Residual lands
 =================================================================  ======  ============================
@@ -70,6 +74,8 @@ def lynx_hooks(mode: str) -> list:
         (f"{DISAGG}.decode.DecodeTransferQueue._commit_transfer_to_req", landing.commit_transfer,
          HookType.AROUND),
         (f"{MANAGERS}.scheduler.Scheduler.is_fully_idle", _idle_unless_lynx_work, HookType.AFTER),
+        (f"{MANAGERS}.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
+         _report_lynx_state, HookType.AFTER),
     ]
     if mode == "lynx":
         from sglang_lynx.speculation import hooks as spec
@@ -85,6 +91,8 @@ def lynx_hooks(mode: str) -> list:
             (f"{MANAGERS}.schedule_batch.ScheduleBatch.retract_decode", spec.keep_from_retraction,
              HookType.AROUND),
             ("sglang.srt.model_executor.model_runner.ModelRunner.sample", spec.capture_drafts, HookType.AROUND),
+            ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",
+             spec.verify_attention, HookType.AROUND),
             (f"{MANAGERS}.scheduler.Scheduler.abort_request", spec.abort_paused, HookType.AFTER),
             (f"{MANAGERS}.scheduler.Scheduler.on_idle", spec.wait_for_residual, HookType.AFTER),
         ]
@@ -129,8 +137,30 @@ def _idle_unless_lynx_work(idle, scheduler, *args, **kwargs):
     return idle and not (prefill is not None and prefill.deferred_releases) and not has_work()
 
 
+def _report_lynx_state(result, controller, *args, **kwargs):
+    from sglang_lynx.speculation.hooks import speculation_state
+
+    scheduler = controller.scheduler
+    prefill = _lynx_manager(_prefill_manager(scheduler))
+    decode = _lynx_manager(_decode_manager(scheduler))
+    state = {"mode": (prefill or decode).lynx.mode} if (prefill or decode) else {}
+    if prefill is not None:
+        state.update(residuals_in_flight=len(prefill.residual_plans),
+                     deferred_releases=len(prefill.deferred_releases))
+    if decode is not None:
+        allocator = scheduler.token_to_kv_pool_allocator
+        state.update(rows_in_use=decode.rows.in_use(), free_kv_tokens=allocator.available_size(),
+                     total_kv_tokens=scheduler.max_total_num_tokens, **speculation_state())
+    result.internal_state["lynx"] = state
+    return result
+
+
 def _prefill_manager(scheduler):
     return getattr(getattr(scheduler, "disagg_prefill_bootstrap_queue", None), "kv_manager", None)
+
+
+def _decode_manager(scheduler):
+    return getattr(getattr(scheduler, "disagg_decode_prealloc_queue", None), "kv_manager", None)
 
 
 def _lynx_manager(manager):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import codec, ttft
+from . import acceptance, agreement, codec, ttft
 
-SUBCOMMANDS = [codec, ttft]
+SUBCOMMANDS = [codec, ttft, agreement, acceptance]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,13 +1,16 @@
-"""Time to first token, per Lynx mode, over a rate-limited KV link.
+"""Time to first, second and K-th token, per Lynx mode, over a rate-limited KV link.
 
     python -m sglang_lynx.bench ttft --modes raw,int8,int4,lynx --bandwidth-mbps 2 \\
         --input-len 128 --output-len 16 --num-prompts 3 --json bench-ttft.json
 
 For each mode: bring up prefill + decode + router with that mode and the paced link, send the
-prompts one at a time through the router (streaming, greedy, ``ignore_eos``) and time the first
-and the K-th token on the client. The servers' timing records give, per request, the KV bytes
-each stream carried and the moment prefill's forward was done (P: everything but the transfer).
-The floor is P + Anchor bytes / bandwidth: what any 4-bit-first transfer must wait for.
+prompts one at a time through the router (SGLang's ``/generate``, streaming, greedy, ``ignore_eos``)
+and time the first, the second and the K-th token on the client (every chunk carries the token
+count so far). The
+servers' timing records give, per request, the KV bytes each stream carried, the moment prefill's
+forward was done (P: everything but the transfer) and, in ``lynx`` mode, how many tokens were
+speculated on the Anchor and how many verification kept. The floor is P + Anchor bytes /
+bandwidth: what any 4-bit-first transfer must wait for.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_lynx.client import complete
+from sglang_lynx.client import generate
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import MODES, LynxConfig
 from sglang_lynx.data import gutenberg_text
@@ -36,6 +39,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--output-len", type=int, default=16, help="K: tokens generated (time to the K-th)")
     p.add_argument("--num-prompts", type=int, default=3, help="requests per mode, sent one at a time")
+    p.add_argument("--max-speculative-tokens", type=int, default=64,
+                   help="lynx: tokens decoded on the Anchor before the Residual must land")
     p.add_argument("--text", default="hamlet", help="Gutenberg text the prompts are cut from")
     p.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -61,7 +66,8 @@ def make_prompts(model_path: str, text: str, input_len: int, num_prompts: int) -
 
 def run_mode(mode: str, args, model_path: str, prompts, progress: tqdm, log_dir: Path) -> dict:
     timings = log_dir / f"{mode}-timings.jsonl"
-    lynx = LynxConfig(mode=mode, bandwidth_mbps=args.bandwidth_mbps, timings_file=str(timings))
+    lynx = LynxConfig(mode=mode, bandwidth_mbps=args.bandwidth_mbps, timings_file=str(timings),
+                      max_speculative_tokens=args.max_speculative_tokens)
     spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir / mode)
     requests = []
     progress.set_postfix_str(f"{mode}: starting cluster")
@@ -69,27 +75,56 @@ def run_mode(mode: str, args, model_path: str, prompts, progress: tqdm, log_dir:
         for prompt in prompts:
             progress.set_postfix_str(f"{mode}: request {len(requests) + 1}/{len(prompts)}")
             sent = time.time()
-            c = complete(spec.router_url, prompt, max_tokens=args.output_len, stream=True, ignore_eos=True)
-            requests.append({"sent": sent, "ttft_s": c.ttft_s, "ttk_s": c.last_token_s})
+            c = generate(spec.router_url, prompt, max_tokens=args.output_len, ignore_eos=True)
+            requests.append({"sent": sent, "ttft_s": c.ttft_s, "t2_s": c.time_to_token(min(2, args.output_len)),
+                             "ttk_s": c.time_to_token(args.output_len)})
             progress.update()
     records = [json.loads(line) for line in timings.read_text().splitlines()]
-    prefill = [r for r in records if r["role"] == "prefill"][-len(prompts):]  # after the warm-up
-    for req, rec in zip(requests, prefill):
+    by_role = lambda role: [r for r in records if r["role"] == role][-len(prompts):]  # after the warm-up
+    for req, rec in zip(requests, by_role("prefill")):
         req["prefill_s"] = rec["kv_ready"] - req["sent"]
         req["prompt_tokens"] = rec["tokens"]
         req["first_stream_bytes"] = rec["first_stream_bytes"]
         req["residual_bytes"] = rec.get("residual_bytes", 0)
+    if mode == "lynx":
+        for req, rec in zip(requests, by_role("decode")):
+            req.update({key: rec[key] for key in ("speculated", "accepted", "verify_s") if key in rec})
+            if "paused" in rec and rec.get("speculated"):  # decoding alone on the Anchor until the cap
+                req["decode_step_s"] = (rec["paused"] - rec["first_token_streamed"]) / rec["speculated"]
     med = lambda key: statistics.median(r[key] for r in requests)
-    return {
+    result = {
         "ttft_ms_median": 1000 * med("ttft_s"),
+        "t2_ms_median": 1000 * med("t2_s"),
         "ttk_ms_median": 1000 * med("ttk_s"),
         "prefill_ms_median": 1000 * med("prefill_s"),
         "first_stream_bytes": med("first_stream_bytes"),
         "residual_bytes": med("residual_bytes"),
         "kv_bytes": med("first_stream_bytes") + med("residual_bytes"),
         "prompt_tokens_median": med("prompt_tokens"),
-        "requests": requests,
     }
+    if mode == "lynx":
+        result.update(speculation_summary(requests))
+    result["requests"] = requests
+    return result
+
+
+def speculation_summary(requests: list[dict]) -> dict:
+    """Acceptance over the requests that speculated: accepted / speculated tokens (all requests
+    together), and the share of requests whose every speculated token was kept."""
+    verified = [r for r in requests if r.get("speculated")]
+    if not verified:
+        return {"accept_rate_mean": None, "whole_accept_share": None, "speculated_mean": 0}
+    summary = {
+        "accept_rate_mean": sum(r["accepted"] for r in verified) / sum(r["speculated"] for r in verified),
+        "whole_accept_share": sum(r["accepted"] == r["speculated"] for r in verified) / len(verified),
+        "speculated_mean": statistics.mean(r["speculated"] for r in verified),
+        "accepted_mean": statistics.mean(r["accepted"] for r in verified),
+        "verify_ms_median": 1000 * statistics.median(r["verify_s"] for r in verified),
+    }
+    steps = [r["decode_step_s"] for r in verified if "decode_step_s" in r]
+    if steps:
+        summary["decode_step_ms_median"] = 1000 * statistics.median(steps)
+    return summary
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -127,31 +162,52 @@ def summarise(args, results: dict) -> dict:
         report["anchor_transfer_over_prefill"] = (1000 * anchor / bytes_per_s) / prefill_ms
     ratios = {}
     ttft = {m: r["ttft_ms_median"] for m, r in results.items()}
+    ttk = {m: r["ttk_ms_median"] for m, r in results.items()}
     if {"lynx", "int4"} <= ttft.keys():
         ratios["ttft_lynx_over_int4"] = ttft["lynx"] / ttft["int4"]
+        ratios["ttk_lynx_over_int4"] = ttk["lynx"] / ttk["int4"]
     if {"lynx", "int8"} <= ttft.keys():
         ideal = ((prefill_ms + 1000 * results["int8"]["kv_bytes"] / bytes_per_s)
                  / (prefill_ms + 1000 * results["lynx"]["first_stream_bytes"] / bytes_per_s))
         ratios["ttft_int8_over_lynx"] = ttft["int8"] / ttft["lynx"]
         ratios["ttft_int8_over_lynx_ideal"] = ideal
         ratios["ttft_int8_over_lynx_fraction_of_ideal"] = ratios["ttft_int8_over_lynx"] / ideal
+    if {"int8", "int4"} <= ttk.keys():
+        ratios["ttk_int4_over_int8"] = ttk["int4"] / ttk["int8"]
+        if "lynx" in ttk and ttk["int8"] > ttk["int4"]:
+            # The share of int8's extra wait for the K-th token that lynx removes.
+            ratios["ttk_gap_closed"] = (ttk["int8"] - ttk["lynx"]) / (ttk["int8"] - ttk["int4"])
     if "floor_ms" in report:
         ratios["ttft_lynx_over_floor"] = ttft["lynx"] / report["floor_ms"]
+    if "lynx" in results:
+        # Speculation pays off when the Residual lands before the K-th token would be decoded.
+        report["residual_transfer_ms"] = 1000 * results["lynx"]["residual_bytes"] / bytes_per_s
+    if "int8" in results:
+        report["decode_rest_ms"] = ttk["int8"] - ttft["int8"]  # tokens 2..K on exact KV
     report["ratios"] = ratios
     return report
 
 
 def print_table(report: dict) -> None:
+    k = report["output_len"]
     print(f"\nKV link {report['bandwidth_mbps']:g} Mbit/s, {report['input_len']} prompt tokens, "
-          f"{report['output_len']} output tokens, {report['num_prompts']} prompts per mode (medians)")
-    print(f"{'mode':<6} {'TTFT ms':>9} {'T-to-K ms':>10} {'1st stream B':>13} {'residual B':>11}")
+          f"{k} output tokens, {report['num_prompts']} prompts per mode (medians)")
+    print(f"{'mode':<6} {'TTFT ms':>9} {'T-to-2 ms':>10} {f'T-to-{k} ms':>11} {'1st stream B':>13} {'residual B':>11}")
     for mode, r in report["modes"].items():
-        print(f"{mode:<6} {r['ttft_ms_median']:>9.0f} {r['ttk_ms_median']:>10.0f} "
+        print(f"{mode:<6} {r['ttft_ms_median']:>9.0f} {r['t2_ms_median']:>10.0f} {r['ttk_ms_median']:>11.0f} "
               f"{r['first_stream_bytes']:>13.0f} {r['residual_bytes']:>11.0f}")
     print(f"\nprefill (P, all but the transfer): {report['prefill_ms']:.0f} ms")
     if "floor_ms" in report:
         print(f"floor (P + Anchor bytes / bandwidth): {report['floor_ms']:.0f} ms "
               f"(Anchor transfer = {report['anchor_transfer_over_prefill']:.1f} x P)")
+    if "residual_transfer_ms" in report and "decode_rest_ms" in report:
+        print(f"Residual transfer {report['residual_transfer_ms']:.0f} ms; int8 decodes tokens 2..{k} in "
+              f"{report['decode_rest_ms']:.0f} ms")
+    lynx = report["modes"].get("lynx", {})
+    if lynx.get("accept_rate_mean") is not None:
+        print(f"lynx speculation: {lynx['accepted_mean']:.1f} of {lynx['speculated_mean']:.1f} tokens kept "
+              f"(acceptance {lynx['accept_rate_mean']:.3f}; whole run kept in {lynx['whole_accept_share']:.0%} "
+              f"of requests); verify pass {lynx['verify_ms_median']:.0f} ms")
     for name, value in report["ratios"].items():
         print(f"{name:<40} {value:.3f}")
 

@@ -9,8 +9,6 @@ Everything here is inactive when CUDA is available. Nothing edits an installed f
   path records a ``torch.cuda.Event``);
 * two narrow patches of CUDA-only calls on the PD path (host-memory registration for the
   decode host pool, pinned transfer indices with a CUDA event on prefill);
-* the torch-native attention of an extend after a cached prefix (Lynx's verify pass, chunked
-  prefill, prefix-cache hits) computed for the new tokens only, not for the whole sequence;
 * server-argument defaults for a CPU (fp32, the torch-native attention backend, sleep when
   idle so two cores are not burnt busy-polling, a KV pool sized for a small machine).
 """
@@ -93,48 +91,11 @@ def hooks() -> list:
     return [
         # The decode worker's host KV pool registers its memory with CUDA; a CPU has nothing to pin.
         ("sglang.srt.mem_cache.pool_host.common._cuda_host_register", _nothing_to_pin, HookType.REPLACE),
-        ("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",
-         _extend_attention_for_new_tokens, HookType.AROUND),
     ]
 
 
 def _nothing_to_pin(*args, **kwargs) -> None:
     return None
-
-
-def _extend_attention_for_new_tokens(original, backend, query, output, k_cache, v_cache, req_to_token,
-                                     req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
-                                     encoder_lens=None, scaling=None, enable_gqa=False, causal=False,
-                                     is_cross_attn=False, sliding_window_size=None):
-    """SGLang's torch-native extend pads each sequence's queries to its whole length, so n new
-    tokens after a prefix of P cost (P + n)^2; here they cost n * (P + n). A sequence without a
-    prefix is computed exactly as SGLang does."""
-    if encoder_lens is not None or not causal or (sliding_window_size is not None and sliding_window_size > -1):
-        return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                        extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa,
-                        causal=causal, is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
-    import torch
-    from torch.nn.functional import scaled_dot_product_attention
-
-    query = query.movedim(0, 1)  # [heads, tokens, dim]
-    start = 0
-    for i in range(seq_lens.shape[0]):
-        new, prefix, total = int(extend_seq_lens[i]), int(extend_prefix_lens[i]), int(seq_lens[i])
-        tokens = req_to_token[req_pool_indices[i], :total]
-        key, value = k_cache[tokens].movedim(0, 1), v_cache[tokens].movedim(0, 1)
-        q = query[:, start:start + new].contiguous()
-        if key.dtype != q.dtype:
-            key, value = key.to(q.dtype), value.to(q.dtype)
-        if prefix == 0:
-            mask, is_causal = None, True
-        else:  # query j sits at position prefix + j and sees keys 0 .. prefix + j
-            positions = torch.arange(prefix, prefix + new, device=q.device)
-            mask, is_causal = torch.arange(total, device=q.device)[None, :] <= positions[:, None], False
-        out = scaled_dot_product_attention(q.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), attn_mask=mask,
-                                           is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa)
-        output[start:start + new] = out.squeeze(0).movedim(0, 1)
-        start += new
-    return output
 
 
 class _Placeholder(types.ModuleType):

@@ -69,7 +69,7 @@ def sampled_verdict(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
     rows = torch.arange(s)
     p_x, q_x = p[rows, draft], q[rows, draft]
     ratio = torch.where(q_x > 0, p_x / q_x.clamp_min(torch.finfo(q_x.dtype).tiny), torch.ones_like(p_x))
-    uniform = torch.rand(s, generator=generator, dtype=ratio.dtype)
+    uniform = torch.rand(s, generator=generator, dtype=ratio.dtype, device=ratio.device)
     rejected = (uniform >= ratio).nonzero()
     if len(rejected) == 0:
         return Verdict(s, _draw(p[s], generator))

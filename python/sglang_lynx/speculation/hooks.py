@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from sglang_lynx.config import LynxConfig
+from sglang_lynx.speculation import verify
 from sglang_lynx.speculation.speculator import Speculator
 
 RESIDUAL_POLL_S = 0.005  # an idle decode worker waiting for Residuals wakes at least this often
@@ -80,6 +81,13 @@ def capture_drafts(original, runner, logits_output, forward_batch):
     return original(runner, logits_output, forward_batch)
 
 
+def verify_attention(original, backend, *args, **kwargs):
+    """AROUND ``TorchNativeAttnBackend._run_sdpa_forward_extend``: the verify pass attends from its
+    new tokens only; every other extend (prefill) keeps SGLang's own attention and numerics."""
+    output = verify.attend_new_tokens(*args, **kwargs)
+    return original(backend, *args, **kwargs) if output is None else output
+
+
 def abort_paused(result, scheduler, abort_req, *args, **kwargs):
     """AFTER ``Scheduler.abort_request``: paused requests are in none of SGLang's queues."""
     if _speculating():
@@ -90,6 +98,13 @@ def abort_paused(result, scheduler, abort_req, *args, **kwargs):
 def has_work() -> bool:
     """Speculating requests hold KV and wait for Residuals: the scheduler is not idle."""
     return _speculating()
+
+
+def speculation_state() -> dict:
+    """For ``/server_info``: requests speculating now, and totals since start."""
+    if _speculator is None:
+        return {"speculating": 0}
+    return _speculator.state()
 
 
 def wait_for_residual(result, scheduler, *args, **kwargs):

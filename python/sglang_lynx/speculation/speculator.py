@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 VERIFIED = 1  # output tokens that are exact from the start: the first, computed by prefill
 
 
+class VerificationError(RuntimeError):
+    """A speculation that cannot be verified; its request ends with its verified tokens."""
+
+
 @dataclasses.dataclass
 class Speculation:
     req: object
@@ -83,6 +87,12 @@ class Speculator:
         self.max_speculative_tokens = max_speculative_tokens
         self.records: dict[str, Speculation] = {}
         self.metrics: Optional[SpeculationMetrics] = None
+        self.totals = dict.fromkeys(("verified_requests", "verify_passes", "speculated_tokens",
+                                     "accepted_tokens", "rolled_back_requests"), 0)
+
+    def state(self) -> dict:
+        return {"speculating": len(self.records), "paused": sum(rec.paused for rec in self.records.values()),
+                **self.totals}
 
     # --- admission ----------------------------------------------------------------------------
 
@@ -183,14 +193,19 @@ class Speculator:
         started = time.time()
         logits = exact_logits(scheduler, [rec.req for rec in recs])
         verify_s = time.time() - started
+        self.totals["verify_passes"] += 1
         if self.metrics is not None:
             self.metrics.verify_pass()
         decode_on = []
         for rec, rows in zip(recs, logits):
             req = rec.req
+            try:
+                verdict = self._decide(rec, rows)
+            except VerificationError as e:
+                self._finish(scheduler, rec, FINISH_ABORT(f"Lynx verification: {e}", HTTPStatus.INTERNAL_SERVER_ERROR))
+                continue
             del self.records[req.rid]
             speculated = rec.speculated
-            verdict = self._decide(rec, rows)
             kept = [*req.output_ids[VERIFIED: VERIFIED + verdict.accepted], verdict.next_token]
             req.output_ids = req.output_ids[:VERIFIED]
             req.output_ids.extend(kept)
@@ -201,8 +216,7 @@ class Speculator:
             rec.anchored.close(residual_applied=started, verify_s=verify_s, speculated=speculated,
                                accepted=verdict.accepted, rolled_back=speculated - verdict.accepted,
                                verify_batch=len(recs))
-            if self.metrics is not None:
-                self.metrics.verified(speculated, verdict.accepted)
+            self._count(speculated, verdict.accepted)
             req.update_finish_state(len(kept))
             if req.finished():
                 release_kv_cache(req, scheduler.tree_cache, checkpoint=True)
@@ -212,13 +226,20 @@ class Speculator:
                 decode_on.append(req)  # SGLang re-admits it: it streams the kept tokens, then decodes
         return decode_on
 
+    def _count(self, speculated: int, accepted: int) -> None:
+        self.totals["verified_requests"] += 1
+        self.totals["speculated_tokens"] += speculated
+        self.totals["accepted_tokens"] += accepted
+        self.totals["rolled_back_requests"] += accepted < speculated
+        if self.metrics is not None:
+            self.metrics.verified(speculated, accepted)
+
     def _decide(self, rec: Speculation, rows: torch.Tensor) -> Verdict:
         draft = torch.tensor(rec.req.output_ids[VERIFIED:], dtype=torch.long, device=rows.device)
         if rec.params.greedy:
             return greedy_verdict(draft, rows)
         if len(rec.drafts) != len(draft):
-            raise RuntimeError(f"request {rec.req.rid}: {len(draft)} speculated tokens but "
-                               f"{len(rec.drafts)} draft distributions")
+            raise VerificationError(f"{len(draft)} speculated tokens but {len(rec.drafts)} draft distributions")
         q = sampling_distribution(torch.stack(rec.drafts), rec.params) if rec.drafts else rows[:0].float()
         return sampled_verdict(draft, q, sampling_distribution(rows, rec.params))
 

@@ -48,10 +48,12 @@ class Anchored:
 
     def refine(self) -> Optional[str]:
         """Rewrite the prompt pages with INT8-exact KV; the reason if the bytes are not usable."""
+        started = time.time()
         try:
             self.manager.rows.land(self.pages, self.num_tokens, self.room, merged=True)
         except LynxTransferError as e:
             return str(e)
+        self.record(refine_s=time.time() - started)
         return None
 
     def record(self, **fields) -> None:

@@ -174,15 +174,17 @@ class LynxKVManager(MooncakeKVManager):
             self.timings.add(bootstrap_room, kv_ready=started)  # the prompt's forward is done
         if self.lynx.mode == "raw":  # SGLang's worker writes these pool pages itself
             self.timings.add(bootstrap_room, first_stream_bytes=len(pages) * sum(self.kv_args.kv_item_lens))
-        self.rows.encode(pages, num_tokens, bootstrap_room)  # right after the forward, on this thread
+        self.rows.encode(pages, num_tokens)  # right after the forward, on this thread
         self.timings.add(bootstrap_room, encode_s=time.time() - started, tokens=num_tokens)
         self.streams.submit(ANCHOR, functools.partial(
-            self._send_first_stream, bootstrap_room, pages, index_slice, is_last_chunk, targets,
+            self._send_first_stream, bootstrap_room, pages, num_tokens, index_slice, is_last_chunk, targets,
             functools.partial(forward, kv_indices=kv_indices if self.lynx.mode == "raw" else NO_PAGES)))
 
-    def _send_first_stream(self, room, pages, index_slice, is_last_chunk, targets, forward) -> None:
+    def _send_first_stream(self, room, pages, num_tokens, index_slice, is_last_chunk, targets, forward) -> None:
         if self.check_status(room) == KVPoll.Failed:
             return forward()  # aborted meanwhile: SGLang's worker drops the chunk
+        # Stamped here, on the one sending thread: a radix-cached page may be in several requests' chunks.
+        self.rows.stamp(pages, num_tokens, room)
         plan = self.residual_plans.setdefault(room, _ResidualPlan()) if self.lynx.mode == "lynx" else None
         for session, info in targets:
             dst_pages = info.dst_kv_indices[index_slice][: len(pages)]

@@ -9,6 +9,10 @@ Rows are indexed by the page index of the worker's own KV pool: prefill encodes 
 its row p, and writes it into decode's row q, where q is the decode page SGLang allocated for
 it. Decode's rows therefore live exactly as long as the request's pages.
 
+A prefill page cached in the radix tree can belong to several requests in flight at once: its
+planes are the same for all of them, but its header names one request. Prefill therefore stamps
+the header on the sending thread, right before the page's first stream goes, not when encoding.
+
 Each page is encoded on its own (its own scales and anchor table), so pages can be sent,
 landed and checked independently. The header names the request (bootstrap room) and the
 codec settings, so decode can tell Lynx data of this request from stale bytes or from a
@@ -72,20 +76,23 @@ class PageRows:
 
     # --- prefill ------------------------------------------------------------------------------
 
-    def encode(self, pages: Sequence[int], num_tokens: int, room: int) -> None:
+    def encode(self, pages: Sequence[int], num_tokens: int) -> None:
         """Encode ``num_tokens`` tokens held in ``pages`` (all full but the last) into their rows."""
-        tokens = self._token_indices(pages, num_tokens)
-        kv = self._gather(tokens) if self.quantized else None
+        if not self.quantized:  # raw: the pool's own bytes travel
+            return
+        kv = self._gather(self._token_indices(pages, num_tokens))
         for i, page in enumerate(pages):
             n = min(self.page_size, num_tokens - i * self.page_size)
-            row = self.rows[page]
-            row[: HEADER.size] = _header_bytes(self.config, n, room)
-            if kv is not None:
-                planes = self.codec.encode(kv[:, :, i * self.page_size: i * self.page_size + n])
-                meta, anchor, residual = self._planes(row, n)
-                meta.copy_(planes.meta)
-                anchor.copy_(planes.anchor)
-                residual.copy_(planes.residual)
+            planes = self.codec.encode(kv[:, :, i * self.page_size: i * self.page_size + n])
+            meta, anchor, residual = self._planes(self.rows[page], n)
+            meta.copy_(planes.meta)
+            anchor.copy_(planes.anchor)
+            residual.copy_(planes.residual)
+
+    def stamp(self, pages: Sequence[int], num_tokens: int, room: int) -> None:
+        """Write the headers naming request ``room`` into the rows of its ``pages``."""
+        for i, page in enumerate(pages):
+            self.rows[page, : HEADER.size] = _header_bytes(self.config, min(self.page_size, num_tokens - i * self.page_size), room)
 
     def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
         k = torch.stack([buf.index_select(0, tokens) for buf in self.k_buffers])
@@ -113,6 +120,11 @@ class PageRows:
         for layer, (k_buf, v_buf) in enumerate(zip(self.k_buffers, self.v_buffers)):
             k_buf.index_copy_(0, tokens, kv[0, layer])
             v_buf.index_copy_(0, tokens, kv[1, layer])
+
+    def in_use(self) -> int:
+        """Rows holding a request's data (not yet forgotten)."""
+        magic = torch.frombuffer(bytearray(MAGIC), dtype=torch.uint8).to(self.device)
+        return int((self.rows[:, : len(MAGIC)] == magic).all(dim=1).sum())
 
     def forget(self, pages: Sequence[int]) -> None:
         """Clear the headers so that these rows never pass for a later request's data."""

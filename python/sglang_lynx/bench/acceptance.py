@@ -1,0 +1,108 @@
+"""How many speculated tokens a model would keep: greedy decoding on Anchor-only KV against INT8 KV.
+
+    python -m sglang_lynx.bench acceptance --anchor-bits 4,5,6 --input-len 256 --output-len 32
+
+No servers: the model runs in-process (Hugging Face transformers, CPU). For each prompt (windows of a
+Gutenberg text) its KV cache is encoded with the Lynx codec; the model then decodes greedily twice
+from the same first token, once on the INT8 KV (what verification compares against) and once on the
+Anchor-only KV (what ``lynx`` speculates on). The number of leading tokens on which the two agree is
+what verification would keep of a speculation of that length: acceptance is its mean over the
+speculated tokens. ``--split`` also anchors only the keys, or only the values, at the first anchor
+width, to tell which the model is sensitive to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sglang_lynx.codec import Codec
+from sglang_lynx.data import gutenberg_text
+from sglang_lynx.models import smollm2
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("acceptance", help="predicted acceptance: decoding on Anchor vs INT8 KV (no servers)",
+                              description=__doc__.split("\n")[0])
+    p.add_argument("--anchor-bits", default="4,5,6", help="comma-separated Anchor widths to compare")
+    p.add_argument("--split", action="store_true", help="also anchor only K, and only V (first width)")
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens")
+    p.add_argument("--output-len", type=int, default=32, help="tokens decoded (the first is exact)")
+    p.add_argument("--num-prompts", type=int, default=6)
+    p.add_argument("--text", default="hamlet", help="Gutenberg text the prompts are cut from")
+    p.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.set_defaults(run=run)
+
+
+def variants(widths: list[int], split: bool) -> dict[str, tuple[int, bool, bool]]:
+    """name -> (anchor bits, anchor K, anchor V)."""
+    out = {f"A={a}": (a, True, True) for a in widths}
+    if split:
+        out[f"A={widths[0]}, K only"] = (widths[0], True, False)
+        out[f"A={widths[0]}, V only"] = (widths[0], False, True)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    widths = [int(a) for a in args.anchor_bits.split(",")]
+    model_path = str(args.model_path or smollm2())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    ids = tokenizer(gutenberg_text(args.text)).input_ids
+    stride = (len(ids) - args.input_len) // args.num_prompts
+    prompts = [ids[i * stride: i * stride + args.input_len] for i in range(args.num_prompts)]
+    cases = variants(widths, args.split)
+    kept = {name: [] for name in cases}
+    with torch.inference_mode(), tqdm(total=len(prompts) * len(cases), desc="bench acceptance") as progress:
+        for prompt in prompts:
+            out = model(torch.tensor([prompt]), use_cache=True)
+            kv = torch.stack([torch.stack([layer.keys[0] for layer in out.past_key_values.layers]),
+                              torch.stack([layer.values[0] for layer in out.past_key_values.layers])])
+            kv = kv.transpose(2, 3).contiguous()  # [2, L, T, H, D]
+            first = int(out.logits[0, -1].argmax())
+            for name, (bits, anchor_k, anchor_v) in cases.items():
+                codec = Codec(kv.shape[1], kv.shape[3], kv.shape[4], anchor_bits=bits)
+                planes = codec.encode(kv)
+                exact = codec.decode_merged(planes.anchor, planes.residual, planes.meta, kv.shape[2])
+                anchor = codec.decode_anchor(planes.anchor, planes.meta, kv.shape[2])
+                anchor = torch.stack([anchor[0] if anchor_k else exact[0], anchor[1] if anchor_v else exact[1]])
+                reference = greedy(model, exact, first, args.output_len)
+                draft = greedy(model, anchor, first, args.output_len)
+                kept[name].append(next((j for j in range(1, len(draft)) if draft[j] != reference[j]), len(draft)) - 1)
+                progress.update()
+    speculated = args.output_len - 1
+    report = {"input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
+              "text": args.text,
+              "variants": {name: {"kept": k, "accepted_mean": statistics.mean(k),
+                                  "accept_rate": statistics.mean(k) / speculated} for name, k in kept.items()}}
+    print(f"\n{args.num_prompts} windows of {args.text}, {args.input_len} tokens; greedy, {speculated} tokens "
+          f"after the exact first one")
+    for name, r in report["variants"].items():
+        print(f"{name:<16} kept {r['accepted_mean']:5.1f} of {speculated}  (acceptance {r['accept_rate']:.2f})  "
+              f"per prompt {r['kept']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+    return report
+
+
+def greedy(model, kv: torch.Tensor, first: int, num_tokens: int) -> list[int]:
+    """Greedy tokens after a prompt whose KV cache is ``kv`` [2, L, T, H, D], starting from ``first``."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    for layer in range(kv.shape[1]):  # the cache holds [batch, heads, tokens, dim]
+        cache.update(kv[0, layer].transpose(0, 1)[None].clone(), kv[1, layer].transpose(0, 1)[None].clone(), layer)
+    tokens = [first]
+    for _ in range(num_tokens - 1):
+        logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens

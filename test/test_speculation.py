@@ -1,0 +1,160 @@
+"""Which speculated tokens verification keeps: the greedy rule, the speculative-sampling rule, and the
+distributions they are computed from. Pure functions on logits; the end-to-end behaviour on real
+servers is in test_e2e_speculation.py."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from sglang_lynx.speculation.acceptance import (SamplingParams, greedy_verdict, sampled_verdict,
+                                                sampling_distribution)
+
+GREEDY = SamplingParams(top_k=1)
+
+
+def logits_predicting(tokens, vocab=10):
+    """Logits whose argmax at row j is tokens[j]."""
+    rows = torch.zeros(len(tokens), vocab)
+    rows[torch.arange(len(tokens)), torch.tensor(tokens)] = 5.0
+    return rows
+
+
+def test_greedy_keeps_the_longest_agreeing_prefix_and_corrects_the_first_divergence():
+    exact = logits_predicting([3, 4, 9, 1])  # the exact model would say 3, 4, 9, then 1
+    assert greedy_verdict(torch.tensor([3, 4, 5]), exact) == (2, 9)
+
+
+def test_greedy_adds_the_exact_token_after_a_fully_accepted_run():
+    assert greedy_verdict(torch.tensor([3, 4, 9]), logits_predicting([3, 4, 9, 1])) == (3, 1)
+
+
+def test_greedy_with_nothing_speculated_gives_the_exact_next_token():
+    assert greedy_verdict(torch.tensor([], dtype=torch.long), logits_predicting([7])) == (0, 7)
+
+
+def test_greedy_rejects_at_the_first_token_even_if_later_ones_agree():
+    assert greedy_verdict(torch.tensor([2, 4, 9]), logits_predicting([3, 4, 9, 1])) == (0, 3)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(temperature=1.0, top_p=0.8),
+    SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05),
+])
+def test_distributions_are_the_ones_sglang_s_sampler_draws_from(params):
+    from sglang.srt.layers.sampler import top_k_top_p_min_p_sampling_from_probs_torch
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * 3
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    n = len(logits)
+    _, weights, order, _ = top_k_top_p_min_p_sampling_from_probs_torch(
+        probs.clone(), torch.full((n,), params.top_k), torch.full((n,), params.top_p),
+        torch.full((n,), params.min_p), params.min_p > 0, None, None, return_filtered_probs=True)
+    sglang = torch.zeros_like(probs).scatter_(-1, order.long(), weights)
+    torch.testing.assert_close(sampling_distribution(logits, params), sglang / sglang.sum(-1, keepdim=True))
+
+
+def test_greedy_distribution_is_the_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
+    assert sampling_distribution(logits, GREEDY).tolist() == [[0, 1, 0], [1, 0, 0]]
+
+
+VOCAB, STEPS, SAMPLES = 6, 3, 20000
+
+
+def outputs_of(rule, p, q, seed):
+    """Run ``rule`` on drafts drawn from q; return the first two output tokens of every run (where
+    verification stopped before the second, the exact model draws it from p[1], as decoding would)."""
+    g = torch.Generator().manual_seed(seed)
+    firsts, seconds = [], []
+    for _ in range(SAMPLES):
+        draft = torch.multinomial(q, 1, generator=g).view(-1)
+        accepted, next_token = rule(draft, q, p, g)
+        tokens = [*draft[:accepted].tolist(), next_token]
+        if len(tokens) < 2:
+            tokens.append(int(torch.multinomial(p[1], 1, generator=g)))
+        firsts.append(tokens[0])
+        seconds.append(tokens[1])
+    return torch.tensor(firsts), torch.tensor(seconds)
+
+
+def chi_square_p_value(samples, expected_probs):
+    observed = torch.bincount(samples, minlength=len(expected_probs)).double()
+    expected = expected_probs.double() * len(samples)
+    keep = expected > 0
+    assert observed[~keep].sum() == 0, "a token with probability 0 was produced"
+    return chisquare(observed[keep], expected[keep] * observed[keep].sum() / expected[keep].sum()).pvalue
+
+
+def accept_every_draft(draft, q, p, g):
+    """Wrong on purpose: decoding on the Anchor alone, without verification."""
+    return len(draft), int(torch.multinomial(p[len(draft)], 1, generator=g))
+
+
+def target_and_draft(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(STEPS + 1, VOCAB, generator=g) * 1.5, dim=-1)
+    q = torch.softmax(torch.randn(STEPS, VOCAB, generator=g) * 1.5, dim=-1)  # far from p on purpose
+    p[0, 5] = 0.0  # a token the exact model never says at step 0 ...
+    p[0] /= p[0].sum()
+    return p, q  # ... that the draft proposes
+
+
+def test_speculative_sampling_outputs_the_exact_model_s_distribution():
+    """Chi-square goodness of fit at significance 0.001 (fixed seeds: the verdict is reproducible)."""
+    p, q = target_and_draft()
+    firsts, seconds = outputs_of(lambda d, q_, p_, g: sampled_verdict(d, q_, p_, g), p, q, seed=1)
+    assert chi_square_p_value(firsts, p[0]) > 1e-3
+    assert chi_square_p_value(seconds, p[1]) > 1e-3
+
+
+def test_the_same_check_rejects_unverified_speculation():
+    p, q = target_and_draft()
+    firsts, _ = outputs_of(accept_every_draft, p, q, seed=1)
+    with pytest.raises(AssertionError, match="probability 0"):
+        chi_square_p_value(firsts, p[0])
+    p[0, 5], q[0, 5] = 0.01, 0.01  # without the impossible token, the distribution itself is wrong
+    firsts, _ = outputs_of(accept_every_draft, p, q, seed=2)
+    assert chi_square_p_value(firsts, p[0] / p[0].sum()) < 1e-6
+
+
+def test_a_draft_the_exact_model_agrees_with_is_always_kept():
+    p = torch.softmax(torch.randn(4, VOCAB), dim=-1)
+    draft = torch.multinomial(p[:3], 1).view(-1)
+    for seed in range(50):
+        accepted, _ = sampled_verdict(draft, p[:3], p, torch.Generator().manual_seed(seed))
+        assert accepted == 3
+
+
+def extend_case(prefixes, news, heads=4, kv_heads=2, dim=16, seed=0):
+    """A KV pool and queries for sequences with cached prefixes, in SGLang's extend layout."""
+    g = torch.Generator().manual_seed(seed)
+    totals = [p + n for p, n in zip(prefixes, news)]
+    slots = torch.randperm(sum(totals) + 8, generator=g)
+    req_to_token = torch.zeros(len(totals), max(totals), dtype=torch.long)
+    start = 0
+    for i, total in enumerate(totals):
+        req_to_token[i, :total] = slots[start:start + total]
+        start += total
+    k_cache, v_cache = (torch.randn(len(slots), kv_heads, dim, generator=g) for _ in range(2))
+    query = torch.randn(sum(news), heads, dim, generator=g)
+    lens = lambda xs: torch.tensor(xs, dtype=torch.long)
+    return (query, k_cache, v_cache, req_to_token, torch.arange(len(totals)), lens(totals), lens(prefixes),
+            lens(news))
+
+
+@pytest.mark.parametrize("prefixes, news", [([40, 3], [3, 9]), ([100, 64, 7], [33, 1, 5])])
+def test_verify_attention_attends_from_the_new_tokens_only_and_agrees_with_sglang(prefixes, news):
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    from sglang_lynx.speculation.verify import attend_new_tokens, verify_pass
+
+    query, k, v, req_to_token, pool_idx, seq_lens, prefix_lens, new_lens = extend_case(prefixes, news)
+    run = lambda fn, *head: fn(*head, query, torch.empty_like(query), k, v, req_to_token, pool_idx, seq_lens,
+                               prefix_lens, new_lens, None, scaling=0.25, enable_gqa=True, causal=True)
+    sglang = run(TorchNativeAttnBackend._run_sdpa_forward_extend, None)
+    assert run(attend_new_tokens) is None, "outside the verify pass SGLang's attention runs"
+    with verify_pass():
+        ours = run(attend_new_tokens)
+    torch.testing.assert_close(ours, sglang, rtol=1e-5, atol=1e-6)
