@@ -32,4 +32,3 @@ def test_transformers_still_sees_torchvision_as_absent():
     from transformers.utils import import_utils
 
     assert not import_utils.is_torchvision_available()
-

@@ -88,7 +88,7 @@ def run_mode(mode: str, args, model_path: str, prompts, progress: tqdm, log_dir:
         req["residual_bytes"] = rec.get("residual_bytes", 0)
     if mode == "lynx":
         for req, rec in zip(requests, by_role("decode")):
-            req.update({key: rec[key] for key in ("speculated", "accepted", "verify_s") if key in rec})
+            req.update({key: rec[key] for key in ("speculated", "accepted", "verify_s", "refine_s") if key in rec})
             if "paused" in rec and rec.get("speculated"):  # decoding alone on the Anchor until the cap
                 req["decode_step_s"] = (rec["paused"] - rec["first_token_streamed"]) / rec["speculated"]
     med = lambda key: statistics.median(r[key] for r in requests)
