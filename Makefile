@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit bench-codec bench-ttft bench-speculation bench-agreement cluster-up cluster-down clean
+.PHONY: setup demo test test-unit bench-codec bench-ttft bench-speculation bench-agreement bench-serving cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +30,11 @@ bench-speculation: setup
 
 bench-agreement: setup
 	$(PY) -m sglang_lynx.bench agreement --num-prompts 100 --json bench-agreement.json
+
+# SGLang's own load generator (python -m sglang.bench_serving) against a lynx cluster it starts and stops.
+bench-serving: setup
+	$(PY) -m sglang_lynx.bench serving --modes lynx --bandwidth-mbps 20 --num-prompts 16 --input-len 256 \
+		--output-len 32 --max-concurrency 4 --json bench-serving.json
 
 cluster-up: setup
 	@bash scripts/pd_cluster.sh up

@@ -54,6 +54,12 @@ else
   echo "$want" > "$STAMP"
 fi
 
+# --- SGLang's own commands on a CPU -----------------------------------------------------------
+# `sglang serve`, `python -m sglang.launch_server`, `python -m sglang.bench_serving`: every process of
+# this venv gets the CPU compatibility layer the moment it imports SGLang (a no-op with CUDA).
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "import sglang_lynx.compat.cpu as lynx_cpu; lynx_cpu.activate_on_sglang_import()" > "$site/sglang_lynx_cpu.pth"
+
 # --- Bundled model (cached after the first conversion) ----------------------------------------
 "$VENV/bin/python" -m sglang_lynx.models smollm2 >/dev/null
 echo "setup: ready ($VENV, model $("$VENV/bin/python" -c 'from sglang_lynx.models import smollm2; print(smollm2())'))"

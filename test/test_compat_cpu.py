@@ -8,12 +8,29 @@ pytestmark = pytest.mark.skipif(not cpu.active(), reason="compat layer is active
 
 
 def test_cpu_defaults_fill_in_only_flags_the_user_did_not_give():
-    argv = cpu.default_server_args(["--model-path", "m", "--dtype=bfloat16", "--max-total-tokens", "1024"])
-    assert argv[:4] == ["--model-path", "m", "--dtype=bfloat16", "--max-total-tokens"]
-    assert argv.count("--dtype") == 0 and argv.count("--max-total-tokens") == 1
-    assert argv[argv.index("--device") + 1] == "cpu"
-    assert argv[argv.index("--attention-backend") + 1] == "torch_native"
-    assert "--sleep-on-idle" in argv  # idle servers must not keep a core busy
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    parser.set_defaults(**cpu.server_arg_defaults())  # what the plugin does to SGLang's parser
+    args = parser.parse_args(["--model-path", "m", "--dtype=bfloat16", "--max-total-tokens", "1024"])
+    assert (args.dtype, args.max_total_tokens) == ("bfloat16", 1024)
+    assert (args.device, args.attention_backend) == ("cpu", "torch_native")
+    assert args.sleep_on_idle  # idle servers must not keep a core busy
+
+
+def test_a_process_that_imports_sglang_first_gets_the_layer_before_sglang_loads():
+    """What the project's .venv does for `sglang serve` and `python -m sglang.bench_serving`."""
+    import subprocess
+    import sys
+
+    code = ("import os; from sglang_lynx.compat import cpu; cpu.activate_on_sglang_import(); "
+            "import sglang.bench_serving; print(os.environ['SGLANG_USE_CPU_ENGINE'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1"]
 
 
 def test_cuda_only_packages_import_but_raise_a_clear_error_when_used():

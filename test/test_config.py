@@ -27,6 +27,10 @@ def test_every_option_parses():
     assert config.enabled and config.residual_bits == 3
 
 
+def test_lynx_alone_is_short_for_lynx_mode_lynx():
+    assert parse("--lynx") == parse("--lynx-mode", "lynx") == LynxConfig(mode="lynx")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="fast"), "--lynx-mode must be one of off, raw, int8, int4, lynx"),
     (dict(anchor_bits=8), "--lynx-anchor-bits must be between 2 and 6"),

@@ -8,14 +8,16 @@ at once, that every request speculates for a while before its Residual lands.
 
 import json
 import math
-import threading
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import requests
 from scipy.stats import chi2_contingency
 
+from sglang_lynx.bench.serving import bench_serving_cmd
 from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import LynxConfig
@@ -326,6 +328,19 @@ def test_speculation_counters_are_exported_with_sglang_s_prometheus_metrics(lynx
     assert counter("accepted_tokens") == state["accepted_tokens"] > 0
     assert counter("verify_passes") == state["verify_passes"] > 0
     assert counter("rollbacks") == state["rolled_back_requests"] > 0
+
+
+def test_sglang_s_own_load_generator_runs_against_the_router(lynx_cluster, model_path, tmp_path):
+    """`python -m sglang.bench_serving`, as an SGLang user runs it, in this environment."""
+    mode, cluster, _ = lynx_cluster
+    only(mode, "lynx")
+    load = SimpleNamespace(num_prompts=4, input_len=64, output_len=8, max_concurrency=2)
+    output = tmp_path / "bench.jsonl"
+    result = subprocess.run(bench_serving_cmd(load, cluster.spec.router_url, model_path, output),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Serving Benchmark Result" in result.stdout
+    assert json.loads(output.read_text().splitlines()[-1])["completed"] == 4
 
 
 def test_nothing_is_left_held_after_the_requests(lynx_cluster):

@@ -6,12 +6,12 @@ import pytest
 
 from sglang_lynx.compat import cpu
 from sglang_lynx.config import MODES
-from sglang_lynx.plugin import lynx_hooks
+from sglang_lynx.plugin import flag_hooks, lynx_hooks
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "off"])
 def test_every_hook_target_exists_in_the_installed_sglang(mode):
-    targets = [target for target, _, _ in lynx_hooks(mode)] + [target for target, _, _ in cpu.hooks()]
+    targets = [target for target, _, _ in lynx_hooks(mode) + flag_hooks() + cpu.hooks()]
     for target in targets:
         module, attribute = target.rsplit(".", 1)
         assert hasattr(pkgutil.resolve_name(module), attribute), target

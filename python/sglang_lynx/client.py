@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import requests
 
@@ -35,8 +35,10 @@ class Completion:
 
 
 def complete(base_url: str, prompt: Prompt, *, max_tokens: int = 32, stream: bool = False,
-             temperature: float = 0.0, timeout: float = 600, **extra) -> Completion:
-    """POST /v1/chat/completions (``prompt`` is a message list) or /v1/completions (text or ids)."""
+             temperature: float = 0.0, timeout: float = 600, on_text: Optional[Callable[[str], None]] = None,
+             **extra) -> Completion:
+    """POST /v1/chat/completions (``prompt`` is a message list) or /v1/completions (text or ids).
+    ``on_text`` is called with each piece of streamed text as it arrives."""
     chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
     body = {"model": "default", "max_tokens": max_tokens, "temperature": temperature,
             "stream": stream, **extra}
@@ -60,6 +62,8 @@ def complete(base_url: str, prompt: Prompt, *, max_tokens: int = 32, stream: boo
                 if piece:
                     chunks.append(piece)
                     times.append(time.perf_counter() - start)
+                    if on_text is not None:
+                        on_text(piece)
                 finish = choice.get("finish_reason") or finish
         return _streamed(chunks, times, [], time.perf_counter() - start, finish, rid)
 

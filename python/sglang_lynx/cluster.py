@@ -136,8 +136,10 @@ class _ProcessGroup:
 
 
 def _server_cmd(model_path: str, port: int, lynx: LynxConfig, extra: list[str]) -> list[str]:
+    # SGLang's own launcher, as its users start servers: the plugin gives it the Lynx flags (and, in the
+    # project's environment, the CPU compatibility layer; see compat.cpu.activate_on_sglang_import).
     cmd = [
-        sys.executable, "-m", "sglang_lynx.launch_server",
+        sys.executable, "-m", "sglang.launch_server",
         "--model-path", model_path, "--host", HOST, "--port", str(port),
         "--lynx-mode", lynx.mode,
         "--lynx-anchor-bits", str(lynx.anchor_bits),

@@ -1,9 +1,10 @@
 """Lynx configuration: one typed object, validated once.
 
-The launcher parses the ``--lynx-*`` flags into a :class:`LynxConfig` and hands it to every
-SGLang process through one environment variable (schedulers are started with ``spawn``, so
-nothing set in the parent's memory reaches them). Each process reads it back with
-:meth:`LynxConfig.from_env`.
+SGLang's own argument parser takes the ``--lynx-*`` flags (the plugin adds them to it); the
+parsed flags become a :class:`LynxConfig`, checked against the SGLang settings it has to work
+with, and reach every SGLang process through one environment variable (schedulers are started
+with ``spawn``, so nothing set in the parent's memory reaches them). Each process reads it back
+with :meth:`LynxConfig.from_env`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Optional
 ENV_VAR = "SGLANG_LYNX_CONFIG"
 
 MODES = ("off", "raw", "int8", "int4", "lynx")
+QUANTIZED_MODES = ("int8", "int4", "lynx")
 ANCHOR_BITS = range(2, 7)  # 2..6; the Residual gets the other 8 - A bits
 
 
@@ -76,6 +78,8 @@ class LynxConfig:
                            help="How prefill ships KV to decode: off (SGLang's own transfer), raw (pool "
                                 "bytes through the Lynx sender), int8, int4 (Anchor only), lynx (Anchor then "
                                 "Residual). Prefill and decode must agree.")
+        group.add_argument("--lynx", dest="lynx_mode", action="store_const", const="lynx",
+                           help="Shorthand for --lynx-mode lynx.")
         group.add_argument("--lynx-anchor-bits", type=int, default=4,
                            help="Most significant bits of each INT8 code sent in the Anchor stream (2..6).")
         group.add_argument("--lynx-group-size", type=int, default=64,
@@ -98,6 +102,46 @@ class LynxConfig:
             bandwidth_mbps=args.lynx_bandwidth_mbps,
             timings_file=args.lynx_timings_file,
         )
+
+    # --- SGLang's server arguments -----------------------------------------------------------
+
+    def imply(self, args: argparse.Namespace) -> list[str]:
+        """Set on SGLang's parsed arguments what this mode implies, where the user kept SGLang's
+        default: a KV page holds whole codec blocks; a ``lynx`` decode worker schedules without
+        overlap (speculation changes the batch between steps). Returns the notices to print."""
+        notices = []
+        if self.mode in QUANTIZED_MODES and args.page_size is None:
+            args.page_size = self.group_size
+        if self.mode == "lynx" and args.disaggregation_mode == "decode" and not args.disable_overlap_schedule:
+            args.disable_overlap_schedule = True
+            notices.append("--lynx-mode lynx: overlap scheduling is off on the decode worker "
+                           "(--disable-overlap-schedule)")
+        return notices
+
+    def check_server_args(self, server_args) -> None:
+        """Reject SGLang settings this mode cannot work with, before any process starts."""
+        if not self.enabled:
+            return
+        if server_args.disaggregation_mode not in ("prefill", "decode"):
+            raise LynxConfigError(
+                f"--lynx-mode {self.mode} applies to prefill/decode workers: add "
+                f"--disaggregation-mode prefill or --disaggregation-mode decode (or use --lynx-mode off)"
+            )
+        if server_args.disaggregation_transfer_backend != "mooncake":
+            raise LynxConfigError(
+                f"--lynx-mode {self.mode} runs on the Mooncake transfer engine: use --disaggregation-"
+                f"transfer-backend mooncake (got {server_args.disaggregation_transfer_backend})"
+            )
+        if self.mode in QUANTIZED_MODES and (server_args.page_size or 1) % self.group_size:
+            raise LynxConfigError(
+                f"--lynx-mode {self.mode} needs --page-size to be a multiple of --lynx-group-size "
+                f"({self.group_size}); got --page-size {server_args.page_size}"
+            )
+        if server_args.disaggregation_decode_enable_radix_cache:
+            raise LynxConfigError(
+                f"--lynx-mode {self.mode} cannot be combined with "
+                f"--disaggregation-decode-enable-radix-cache: the decode cache would keep quantized KV"
+            )
 
     # --- transport to child processes ---------------------------------------------------------
 

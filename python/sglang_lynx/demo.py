@@ -1,47 +1,109 @@
-"""Bring up prefill + decode + router, ask one chat question through the router, shut down.
+"""Lynx on one machine: prefill + decode + router on a paced KV link, a long-context question asked
+through the OpenAI API with streaming, then the request's timeline as the servers recorded it.
 
-    python -m sglang_lynx.demo [--lynx-mode lynx] [--question "..."]
+    python -m sglang_lynx.demo [--lynx-mode lynx] [--lynx-bandwidth-mbps 40] [--context-tokens 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import signal
 import sys
 import time
 
 from sglang_lynx.client import complete
-from sglang_lynx.cluster import ClusterSpec, PDCluster
+from sglang_lynx.cluster import DEFAULT_STATE_DIR, ClusterSpec, PDCluster
 from sglang_lynx.config import LynxConfig
+from sglang_lynx.data import gutenberg_text
 from sglang_lynx.models import smollm2
+
+TEXT = "hamlet"
+QUESTION = "Which characters speak in the passage above, and what happens in it? Answer in two sentences."
 
 
 def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt  # run the same clean-up as Ctrl-C
 
 
+def long_context(model_path: str, tokens: int) -> str:
+    """About ``tokens`` tokens of the play, from the start of Act III."""
+    from transformers import AutoTokenizer
+
+    text = gutenberg_text(TEXT)
+    passage = text[text.find("ACT III"):] if "ACT III" in text else text
+    ids = AutoTokenizer.from_pretrained(model_path)(passage).input_ids[:tokens]
+    return AutoTokenizer.from_pretrained(model_path).decode(ids)
+
+
+def timeline(spec: ClusterSpec, rid: str, sent: float, ttft_s: float, total_s: float) -> list[str]:
+    """The request's transfer and speculation, in seconds since it was sent, from the timing records."""
+    deadline = time.time() + 10  # the workers write a record when the request's streams are done
+    while True:
+        records = [json.loads(line) for line in open(spec.lynx.timings_file)]
+        decode = next((r for r in records if r["role"] == "decode" and r.get("rid") == rid), None)
+        prefill = next((r for r in records if decode and r["role"] == "prefill" and r["room"] == decode["room"]),
+                       None)
+        if prefill or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    if prefill is None:
+        return ["(no timing records for this request)"]
+    at = lambda t: f"{t - sent:7.2f} s"
+    mbps = spec.lynx.bandwidth_mbps
+    first, residual = prefill["first_stream_bytes"], prefill.get("residual_bytes", 0)
+    lines = [f"prompt            {prefill['tokens']} tokens",
+             f"{at(prefill['kv_ready'])}  prefill done: the prompt's KV is ready to ship",
+             f"{at(decode['first_stream_landed'])}  first stream landed on decode ({first / 1e6:.2f} MB"
+             + (": Anchor, 4 of 8 bits and scales)" if residual else ")"),
+             f"{ttft_s:7.2f} s  first token on the client"]
+    if "residual_landed" in decode:
+        lines += [f"{at(decode['residual_landed'])}  Residual landed ({residual / 1e6:.2f} MB); "
+                  f"{decode.get('speculated', 0)} tokens speculated on the Anchor meanwhile",
+                  f"{at(decode['residual_applied'])}  verified in one pass ({decode['verify_s'] * 1000:.0f} ms): "
+                  f"{decode['accepted']} kept, {decode['rolled_back']} rolled back and redone exactly"]
+    lines.append(f"{total_s:7.2f} s  last token on the client")
+    if residual and mbps:
+        waited = prefill["kv_ready"] - sent + (first + residual) * 8 / (mbps * 1e6)
+        lines.append(f"int8 would have shipped all {(first + residual) / 1e6:.2f} MB before decoding: "
+                     f"first token at ~{waited:.2f} s instead of {ttft_s:.2f} s")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sglang_lynx.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--question", default="What is the capital of France? Answer in one sentence.")
+    parser.add_argument("--context-tokens", type=int, default=2000, help="tokens of the play in the prompt")
+    parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--max-tokens", type=int, default=48)
     LynxConfig.add_cli_args(parser)
+    parser.set_defaults(lynx_mode="lynx", lynx_bandwidth_mbps=40.0)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
 
-    spec = ClusterSpec(model_path=str(smollm2()), lynx=LynxConfig.from_cli_args(args))
+    timings = DEFAULT_STATE_DIR / "demo-timings.jsonl"
+    timings.parent.mkdir(parents=True, exist_ok=True)
+    timings.unlink(missing_ok=True)
+    lynx = dataclasses.replace(LynxConfig.from_cli_args(args), timings_file=str(timings))
+    spec = ClusterSpec(model_path=str(smollm2()), lynx=lynx)
+    link = f"{spec.lynx.bandwidth_mbps:g} Mbit/s" if spec.lynx.bandwidth_mbps else "unpaced"
     started = time.perf_counter()
-    print(f"starting prefill, decode and router (lynx mode: {spec.lynx.mode}; logs in {spec.log_dir}/) ...",
-          flush=True)
+    print(f"starting prefill, decode and router (lynx mode: {spec.lynx.mode}, KV link {link}; "
+          f"logs in {spec.log_dir}/) ...", flush=True)
     try:
         with PDCluster(spec):
             print(f"cluster ready in {time.perf_counter() - started:.0f} s; router at {spec.router_url}")
-            print(f"\nuser: {args.question}")
-            answer = complete(spec.router_url, [{"role": "user", "content": args.question}],
-                              max_tokens=args.max_tokens, stream=True)
-            print(f"assistant: {answer.text.strip()}\n")
-            print(f"time to first token: {answer.ttft_s * 1000:.0f} ms")
-            print(f"total time:          {answer.total_s * 1000:.0f} ms ({len(answer.chunks)} streamed chunks)")
-            print("shutting down ...")
+            context = long_context(spec.model_path, args.context_tokens)
+            print(f"\nuser: [{args.context_tokens} tokens of {TEXT.title()}, Act III]\n\n{args.question}")
+            print("\nassistant: ", end="", flush=True)
+            sent = time.time()
+            answer = complete(spec.router_url, [{"role": "user", "content": f"{context}\n\n{args.question}"}],
+                              max_tokens=args.max_tokens, stream=True,
+                              on_text=lambda piece: print(piece, end="", flush=True))
+            print("\n\ntimeline (seconds since the request was sent):")
+            for line in timeline(spec, answer.id, sent, answer.ttft_s, answer.total_s):
+                print(f"  {line}")
+            print("\nshutting down ...")
     except KeyboardInterrupt:
         print("\ninterrupted: cluster stopped", file=sys.stderr)
         sys.exit(130)

@@ -1,8 +1,20 @@
 """Everything Lynx changes in SGLang, registered from one place.
 
 SGLang calls :func:`load` (entry point ``sglang.srt.plugins``) early in every process it
-starts: the HTTP server, each scheduler, the detokenizer. With ``--lynx-mode off`` nothing but
-the CPU compatibility layer is registered. In every other mode, the streams:
+starts: the HTTP server, each scheduler, the detokenizer. In every process, whatever the mode,
+the CPU compatibility layer and the Lynx flags:
+
+=================================================================  ======  ============================
+target                                                             hook    what for
+=================================================================  ======  ============================
+``server_args.ServerArgs.add_cli_args``                            AFTER   the ``--lynx*`` flags (and a
+                                                                           CPU's defaults) in SGLang's
+                                                                           parser
+``server_args.ServerArgs.from_cli_args``                           AROUND  read them into a checked
+                                                                           LynxConfig for every process
+=================================================================  ======  ============================
+
+With ``--lynx-mode off`` nothing else is registered. In every other mode, the streams:
 
 =================================================================  ======  ============================
 target                                                             hook    what for
@@ -40,8 +52,10 @@ and in ``lynx`` mode, speculation (``sglang_lynx.speculation.hooks``):
 =================================================================  ======  ============================
 """
 
+import sys
+
 from sglang_lynx.compat import cpu
-from sglang_lynx.config import LynxConfig
+from sglang_lynx.config import LynxConfig, LynxConfigError
 
 DISAGG = "sglang.srt.disaggregation"
 MANAGERS = "sglang.srt.managers"
@@ -50,12 +64,22 @@ MANAGERS = "sglang.srt.managers"
 def load() -> None:
     cpu.activate()
     cpu.patch_sglang()
-    config = LynxConfig.from_env()  # fails early, in every process, on a malformed config
-    if config.enabled:
-        from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry
 
-        for target, hook, kind in lynx_hooks(config.mode):
-            HookRegistry.register(target, hook, kind)
+    # A launcher parses the flags after this; the processes it starts find them in the environment.
+    config = LynxConfig.from_env()  # fails early, in every process, on a malformed config
+    for target, hook, kind in flag_hooks() + (lynx_hooks(config.mode) if config.enabled else []):
+        HookRegistry.register(target, hook, kind)
+
+
+def flag_hooks() -> list:
+    """(SGLang target, hook, hook type) that give SGLang's argument parsing the Lynx flags."""
+    from sglang.srt.plugins.hook_registry import HookType
+
+    return [
+        ("sglang.srt.server_args.ServerArgs.add_cli_args", _add_lynx_flags, HookType.AFTER),
+        ("sglang.srt.server_args.ServerArgs.from_cli_args", _read_lynx_flags, HookType.AROUND),
+    ]
 
 
 def lynx_hooks(mode: str) -> list:
@@ -97,6 +121,31 @@ def lynx_hooks(mode: str) -> list:
             (f"{MANAGERS}.scheduler.Scheduler.on_idle", spec.wait_for_residual, HookType.AFTER),
         ]
     return hooks
+
+
+def _add_lynx_flags(result, parser):
+    LynxConfig.add_cli_args(parser)
+    parser.set_defaults(**cpu.server_arg_defaults())
+    return result
+
+
+def _read_lynx_flags(original, cls, args):
+    """SGLang's parsed arguments -> its ServerArgs, with the Lynx flags checked against them and
+    handed on (through the environment) to every process the launcher starts."""
+    if not hasattr(args, "lynx_mode"):  # a parser SGLang built without add_cli_args
+        return original(cls, args)
+    try:
+        config = LynxConfig.from_cli_args(args)
+        notices = config.imply(args)
+        server_args = original(cls, args)
+        config.check_server_args(server_args)
+    except LynxConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for notice in notices:
+        print(f"lynx: {notice}", file=sys.stderr)
+    config.to_env()
+    return server_args
 
 
 def _lynx_kv_class(original, transfer_backend, class_type):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import acceptance, agreement, codec, ttft
+from . import acceptance, agreement, codec, serving, ttft
 
-SUBCOMMANDS = [codec, ttft, agreement, acceptance]
+SUBCOMMANDS = [codec, ttft, agreement, acceptance, serving]
 
 
 def main(argv: list[str] | None = None) -> None:

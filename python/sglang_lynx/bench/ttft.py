@@ -2,9 +2,10 @@
 
     python -m sglang_lynx.bench ttft --modes raw,int8,int4,lynx --bandwidth-mbps 2 \\
         --input-len 128 --output-len 16 --num-prompts 3 --json bench-ttft.json
+    python -m sglang_lynx.bench ttft --bandwidth-mbps 5,10,20,50 --input-len 1024,4096 ...  # a sweep
 
-For each mode: bring up prefill + decode + router with that mode and the paced link, send the
-prompts one at a time through the router (SGLang's ``/generate``, streaming, greedy, ``ignore_eos``)
+For each bandwidth and mode: bring up prefill + decode + router with that mode and the paced link
+(one cluster, reused for every prompt length), send the prompts one at a time through the router (SGLang's ``/generate``, streaming, greedy, ``ignore_eos``)
 and time the first, the second and the K-th token on the client (every chunk carries the token
 count so far). The
 servers' timing records give, per request, the KV bytes each stream carried, the moment prefill's
@@ -35,8 +36,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("ttft", help="TTFT per Lynx mode over a rate-limited KV link",
                               description=__doc__.split("\n")[0])
     p.add_argument("--modes", default="raw,int8,int4,lynx", help="comma-separated Lynx modes")
-    p.add_argument("--bandwidth-mbps", type=float, default=2.0, help="emulated KV link rate")
-    p.add_argument("--input-len", type=int, default=128, help="prompt tokens")
+    p.add_argument("--bandwidth-mbps", type=_list_of(float), default=[2.0],
+                   help="emulated KV link rate; a comma-separated list sweeps")
+    p.add_argument("--input-len", type=_list_of(int), default=[128],
+                   help="prompt tokens; a comma-separated list sweeps")
     p.add_argument("--output-len", type=int, default=16, help="K: tokens generated (time to the K-th)")
     p.add_argument("--num-prompts", type=int, default=3, help="requests per mode, sent one at a time")
     p.add_argument("--max-speculative-tokens", type=int, default=64,
@@ -45,9 +48,32 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--plot", type=Path, default=None,
-                   help="write a PNG of TTFT against link bandwidth (P + first-stream bytes / bandwidth "
-                        "per mode, from this run's measurements, with the measured medians)")
+                   help="write a PNG of TTFT and time to the K-th token against link bandwidth, one panel "
+                        "per prompt length: measured medians, the floor, and with one bandwidth the model "
+                        "P + first-stream bytes / bandwidth")
     p.set_defaults(run=run)
+
+
+def _list_of(kind):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected positive {kind.__name__}s, got {text!r}")
+        return values
+    return parse
+
+
+def check_context(model_path: str, input_lens: list[int], output_len: int) -> None:
+    """Refuse, before any cluster starts, a prompt that would not fit the model's context."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    context = config.get("max_position_embeddings")
+    too_long = [n for n in input_lens if context and n + output_len > context]
+    if too_long:
+        raise SystemExit(f"--input-len {too_long[0]} + --output-len {output_len} exceeds the model's context of "
+                         f"{context} tokens ({model_path})")
 
 
 def make_prompts(model_path: str, text: str, input_len: int, num_prompts: int) -> list[str]:
@@ -64,33 +90,45 @@ def make_prompts(model_path: str, text: str, input_len: int, num_prompts: int) -
     return [tokenizer.decode(w) for w in windows]
 
 
-def run_mode(mode: str, args, model_path: str, prompts, progress: tqdm, log_dir: Path) -> dict:
+def run_cluster(mode: str, bandwidth: float, args, model_path: str, prompts: dict, progress: tqdm,
+                log_dir: Path) -> dict:
+    """One cluster of ``mode`` on a ``bandwidth`` link; every prompt length through it. -> results by length."""
     timings = log_dir / f"{mode}-timings.jsonl"
-    lynx = LynxConfig(mode=mode, bandwidth_mbps=args.bandwidth_mbps, timings_file=str(timings),
+    lynx = LynxConfig(mode=mode, bandwidth_mbps=bandwidth, timings_file=str(timings),
                       max_speculative_tokens=args.max_speculative_tokens)
     spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir / mode)
-    requests = []
-    progress.set_postfix_str(f"{mode}: starting cluster")
+    sent = {n: [] for n in prompts}
+    where = f"{mode} @ {bandwidth:g} Mbit/s"
+    progress.set_postfix_str(f"{where}: starting cluster")
     with PDCluster(spec):
-        for prompt in prompts:
-            progress.set_postfix_str(f"{mode}: request {len(requests) + 1}/{len(prompts)}")
-            sent = time.time()
-            c = generate(spec.router_url, prompt, max_tokens=args.output_len, ignore_eos=True)
-            requests.append({"sent": sent, "ttft_s": c.ttft_s, "t2_s": c.time_to_token(min(2, args.output_len)),
-                             "ttk_s": c.time_to_token(args.output_len)})
-            progress.update()
+        for n, texts in prompts.items():
+            for i, prompt in enumerate(texts):
+                progress.set_postfix_str(f"{where}: {n} tokens, request {i + 1}/{len(texts)}")
+                at = time.time()
+                c = generate(spec.router_url, prompt, max_tokens=args.output_len, ignore_eos=True)
+                sent[n].append({"rid": c.id, "sent": at, "ttft_s": c.ttft_s,
+                                "t2_s": c.time_to_token(min(2, args.output_len)),
+                                "ttk_s": c.time_to_token(args.output_len)})
+                progress.update()
     records = [json.loads(line) for line in timings.read_text().splitlines()]
-    by_role = lambda role: [r for r in records if r["role"] == role][-len(prompts):]  # after the warm-up
-    for req, rec in zip(requests, by_role("prefill")):
-        req["prefill_s"] = rec["kv_ready"] - req["sent"]
-        req["prompt_tokens"] = rec["tokens"]
-        req["first_stream_bytes"] = rec["first_stream_bytes"]
-        req["residual_bytes"] = rec.get("residual_bytes", 0)
-    if mode == "lynx":
-        for req, rec in zip(requests, by_role("decode")):
-            req.update({key: rec[key] for key in ("speculated", "accepted", "verify_s", "refine_s") if key in rec})
-            if "paused" in rec and rec.get("speculated"):  # decoding alone on the Anchor until the cap
-                req["decode_step_s"] = (rec["paused"] - rec["first_token_streamed"]) / rec["speculated"]
+    return {n: mode_result(mode, requests, records) for n, requests in sent.items()}
+
+
+def mode_result(mode: str, requests: list[dict], records: list[dict]) -> dict:
+    """Client-side times of the requests joined with the workers' records of them (by request id)."""
+    decode = {r["rid"]: r for r in records if r["role"] == "decode" and "rid" in r}
+    prefill = {r["room"]: r for r in records if r["role"] == "prefill"}
+    for req in requests:
+        dec = decode[req["rid"]]
+        pre = prefill[dec["room"]]
+        req["prefill_s"] = pre["kv_ready"] - req["sent"]
+        req["prompt_tokens"] = pre["tokens"]
+        req["first_stream_bytes"] = pre["first_stream_bytes"]
+        req["residual_bytes"] = pre.get("residual_bytes", 0)
+        if mode == "lynx":
+            req.update({key: dec[key] for key in ("speculated", "accepted", "verify_s", "refine_s") if key in dec})
+            if "paused" in dec and dec.get("speculated"):  # decoding alone on the Anchor until the cap
+                req["decode_step_s"] = (dec["paused"] - dec["first_token_streamed"]) / dec["speculated"]
     med = lambda key: statistics.median(r[key] for r in requests)
     result = {
         "ttft_ms_median": 1000 * med("ttft_s"),
@@ -133,27 +171,39 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise SystemExit(f"--modes: unknown or unpaced mode(s) {unknown}; choose from raw, int8, int4, lynx")
     model_path = str(args.model_path or smollm2())
-    prompts = make_prompts(model_path, args.text, args.input_len, args.num_prompts)
-    results = {}
+    check_context(model_path, args.input_len, args.output_len)
+    prompts = {n: make_prompts(model_path, args.text, n, args.num_prompts) for n in args.input_len}
+    results = {}  # (bandwidth, input length) -> mode -> result
+    total = len(args.bandwidth_mbps) * len(modes) * len(args.input_len) * args.num_prompts
     with tempfile.TemporaryDirectory(prefix="lynx-bench-") as tmp, \
-            tqdm(total=len(modes) * len(prompts), desc="bench ttft", unit="req") as progress:
-        for mode in modes:
-            results[mode] = run_mode(mode, args, model_path, prompts, progress, Path(tmp))
-    report = summarise(args, results)
-    print_table(report)
+            tqdm(total=total, desc="bench ttft", unit="req") as progress:
+        for bandwidth in args.bandwidth_mbps:
+            for mode in modes:
+                by_length = run_cluster(mode, bandwidth, args, model_path, prompts, progress,
+                                        Path(tmp) / f"{bandwidth:g}")
+                for n, result in by_length.items():
+                    results.setdefault((bandwidth, n), {})[mode] = result
+    reports = [summarise(bandwidth, n, args, results[(bandwidth, n)])
+               for n in args.input_len for bandwidth in args.bandwidth_mbps]
+    for report in reports:
+        print_table(report)
+    # One run keeps the report's keys at the top level; a sweep lists one such report per point.
+    out = reports[0] if len(reports) == 1 else {
+        "bandwidths_mbps": args.bandwidth_mbps, "input_lens": args.input_len, "output_len": args.output_len,
+        "num_prompts": args.num_prompts, "modes": modes, "sweep": reports}
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(out, indent=2))
         print(f"\nwrote {args.json}")
     if args.plot:
-        plot(report, args.plot)
+        plot(reports, args.plot)
         print(f"wrote {args.plot}")
-    return report
+    return out
 
 
-def summarise(args, results: dict) -> dict:
-    bytes_per_s = args.bandwidth_mbps * 1e6 / 8
+def summarise(bandwidth: float, input_len: int, args, results: dict) -> dict:
+    bytes_per_s = bandwidth * 1e6 / 8
     prefill_ms = statistics.median(r["prefill_ms_median"] for r in results.values())
-    report = {"bandwidth_mbps": args.bandwidth_mbps, "input_len": args.input_len,
+    report = {"bandwidth_mbps": bandwidth, "input_len": input_len,
               "output_len": args.output_len, "num_prompts": args.num_prompts,
               "prefill_ms": prefill_ms, "modes": results}
     if "lynx" in results:
@@ -212,25 +262,42 @@ def print_table(report: dict) -> None:
         print(f"{name:<40} {value:.3f}")
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(reports: list[dict], path: Path) -> None:
+    """TTFT (solid, dots) and time to the K-th token (dashed, squares) against bandwidth, one panel per
+    prompt length, with the floor; a single bandwidth adds the model P + first stream / bandwidth."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    measured_at = report["bandwidth_mbps"]
-    bandwidths = np.geomspace(measured_at / 8, measured_at * 64, 200)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, r in report["modes"].items():
-        model = report["prefill_ms"] + 8 * r["first_stream_bytes"] / (bandwidths * 1e6) * 1000
-        line, = ax.plot(bandwidths, model / 1000, ls="--" if mode == "lynx" else "-",  # lynx = int4
-                        label=f"{mode}: P + first stream / bandwidth")
-        ax.plot([measured_at], [r["ttft_ms_median"] / 1000], "o", color=line.get_color())
-    ax.axhline(report["prefill_ms"] / 1000, color="grey", ls=":", label="P (everything but the transfer)")
-    ax.set(xscale="log", yscale="log", xlabel="KV link bandwidth (Mbit/s)", ylabel="time to first token (s)",
-           title=f"SmolLM2-135M, {report['input_len']}-token prompts; dots: measured at {measured_at:g} Mbit/s")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    lengths = sorted({r["input_len"] for r in reports})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.8), squeeze=False)
+    colours = {m: f"C{i}" for i, m in enumerate(("raw", "int8", "int4", "lynx"))}
+    for ax, n in zip(axes[0], lengths):
+        points = sorted((r for r in reports if r["input_len"] == n), key=lambda r: r["bandwidth_mbps"])
+        bw = [r["bandwidth_mbps"] for r in points]
+        k = points[0]["output_len"]
+        for mode in points[0]["modes"]:
+            c = colours[mode]
+            ax.plot(bw, [r["modes"][mode]["ttft_ms_median"] / 1000 for r in points], "o-", color=c,
+                    label=f"{mode}: TTFT")
+            ax.plot(bw, [r["modes"][mode]["ttk_ms_median"] / 1000 for r in points], "s--", color=c, alpha=0.7,
+                    label=f"{mode}: token {k}")
+        if "floor_ms" in points[0]:
+            ax.plot(bw, [r["floor_ms"] / 1000 for r in points], ":", color="black", lw=2,
+                    label="floor: P + Anchor / bandwidth")
+        if len(points) == 1:  # one measured bandwidth: draw the model around it
+            r = points[0]
+            grid = np.geomspace(bw[0] / 8, bw[0] * 64, 200)
+            for mode, m in r["modes"].items():
+                model = r["prefill_ms"] + 8 * m["first_stream_bytes"] / (grid * 1e6) * 1000
+                ax.plot(grid, model / 1000, "-", color=colours[mode], alpha=0.3, lw=1)
+            ax.axhline(r["prefill_ms"] / 1000, color="grey", ls=":", label="P (everything but the transfer)")
+        ax.set(xscale="log", yscale="log", xlabel="KV link bandwidth (Mbit/s)", ylabel="seconds",
+               title=f"{n}-token prompts ({points[0]['num_prompts']} per point, medians)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle("SmolLM2-135M on this CPU: time to first token and to token K, measured")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -10,7 +10,11 @@ Everything here is inactive when CUDA is available. Nothing edits an installed f
 * two narrow patches of CUDA-only calls on the PD path (host-memory registration for the
   decode host pool, pinned transfer indices with a CUDA event on prefill);
 * server-argument defaults for a CPU (fp32, the torch-native attention backend, sleep when
-  idle so two cores are not burnt busy-polling, a KV pool sized for a small machine).
+  idle so two cores are not burnt busy-polling, a KV pool sized for a small machine), set as
+  defaults of SGLang's argument parser by the plugin.
+
+Launchers call :func:`activate` before importing SGLang; in the project's environment a ``.pth``
+file makes every process call it the moment it imports SGLang (:func:`activate_on_sglang_import`).
 """
 
 from __future__ import annotations
@@ -32,15 +36,16 @@ ENV_DEFAULTS = {
     "MC_FORCE_TCP": "1",
 }
 
-# Flag -> value appended when the user did not give the flag (None: a boolean flag).
+# SGLang server settings for a CPU, as parser defaults: a flag the user gives still wins.
 SERVER_ARG_DEFAULTS = {
-    "--device": "cpu",
-    "--attention-backend": "torch_native",
-    "--dtype": "float32",  # bf16 matmuls are ~5x slower than fp32 on AVX2
-    "--sleep-on-idle": None,
-    "--max-total-tokens": "32768",
-    "--disable-overlap-schedule": None,
+    "device": "cpu",
+    "attention_backend": "torch_native",
+    "dtype": "float32",  # bf16 matmuls are ~5x slower than fp32 on AVX2
+    "sleep_on_idle": True,
+    "max_total_tokens": 32768,
+    "disable_overlap_schedule": True,
 }
+
 
 def active() -> bool:
     import torch
@@ -57,16 +62,17 @@ def activate() -> None:
     _install_placeholders()
 
 
-def default_server_args(argv: list[str]) -> list[str]:
-    """``argv`` plus the CPU defaults for every flag the user did not set."""
-    if not active():
-        return list(argv)
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    out = list(argv)
-    for flag, value in SERVER_ARG_DEFAULTS.items():
-        if flag not in given:
-            out += [flag] if value is None else [flag, value]
-    return out
+def activate_on_sglang_import() -> None:
+    """Run :func:`activate` the moment this process first imports SGLang, whatever the entry point
+    (``sglang serve``, ``python -m sglang.bench_serving``, ...). The project's setup calls this from
+    a ``.pth`` file in its virtual environment; it costs nothing in a process that never imports SGLang."""
+    if "sglang" not in sys.modules and not any(isinstance(f, _ActivateOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ActivateOnImport())
+
+
+def server_arg_defaults() -> dict:
+    """Defaults for SGLang's argument parser on this machine (none where CUDA is available)."""
+    return dict(SERVER_ARG_DEFAULTS) if active() else {}
 
 
 def patch_sglang() -> None:
@@ -115,6 +121,14 @@ class _Placeholder(types.ModuleType):
     def __mro_entries__(self, bases):
         # `class X(torchvision.Something)` at import time must not fail.
         return (object,)
+
+
+class _ActivateOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "sglang":
+            sys.meta_path.remove(self)
+            activate()
+        return None  # the import itself goes on as usual
 
 
 class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
