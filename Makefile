@@ -25,7 +25,7 @@ bench-ttft: setup
 
 # Time to the 2nd and 32nd token: speculation on the Anchor while the Residual streams in.
 bench-speculation: setup
-	$(PY) -m sglang_lynx.bench ttft --modes int8,int4,lynx --bandwidth-mbps 5 --input-len 256 \
+	$(PY) -m sglang_lynx.bench ttft --modes int8,int4,lynx --bandwidth-mbps 8 --input-len 256 \
 		--output-len 32 --num-prompts 5 --json bench-speculation.json
 
 bench-agreement: setup

@@ -61,7 +61,8 @@ def timeline(spec: ClusterSpec, rid: str, sent: float, ttft_s: float, total_s: f
     if "residual_landed" in decode:
         lines += [f"{at(decode['residual_landed'])}  Residual landed ({residual / 1e6:.2f} MB); "
                   f"{decode.get('speculated', 0)} tokens speculated on the Anchor meanwhile",
-                  f"{at(decode['residual_applied'])}  verified in one pass ({decode['verify_s'] * 1000:.0f} ms): "
+                  f"{at(decode['residual_applied'])}  KV refined to INT8; one verify pass "
+                  f"({decode['verify_s'] * 1000:.0f} ms): "
                   f"{decode['accepted']} kept, {decode['rolled_back']} rolled back and redone exactly"]
     lines.append(f"{total_s:7.2f} s  last token on the client")
     if residual and mbps:

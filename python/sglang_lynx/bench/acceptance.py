@@ -14,13 +14,13 @@ width, to tell which the model is sensitive to.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from sglang_lynx.bench import write_json
 from sglang_lynx.codec import Codec
 from sglang_lynx.data import gutenberg_text
 from sglang_lynx.models import smollm2
@@ -88,9 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, r in report["variants"].items():
         print(f"{name:<16} kept {r['accepted_mean']:5.1f} of {speculated}  (acceptance {r['accept_rate']:.2f})  "
               f"per prompt {r['kept']}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, report)
     return report
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sglang_lynx.bench import write_json
 from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import LynxConfig
@@ -126,9 +127,7 @@ def run(args: argparse.Namespace) -> dict:
                           if verified else None),
         rolled_back_requests=sum(r["accepted"] < r["speculated"] for r in verified))
     print_report(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, report)
     return report
 
 

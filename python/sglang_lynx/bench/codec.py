@@ -12,7 +12,6 @@ tensor read or written) beside the device's plain copy bandwidth measured in the
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import lynx_kernels
+from sglang_lynx.bench import write_json
 from sglang_lynx.codec import Codec
 from sglang_lynx.codec.anchor_table import centre_table, estimate_table
 from sglang_lynx.codec.rtn import fake_quantize, metadata_bits
@@ -77,9 +77,7 @@ def run(args: argparse.Namespace) -> None:
     progress.update()
     progress.close()
     print(format_table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
 
 
 def vnmse(x_hat: torch.Tensor, kv: torch.Tensor) -> dict:

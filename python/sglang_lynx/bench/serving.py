@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sglang_lynx.bench import write_json
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import MODES, LynxConfig
 from sglang_lynx.models import smollm2
@@ -73,9 +74,7 @@ def run(args: argparse.Namespace) -> dict:
     for mode, r in report["modes"].items():
         print(f"{mode:<6} {r['completed']:>9} {r['failed']:>7} {r['output_throughput']:>13.1f} "
               f"{r['median_ttft_ms']:>17.0f} {r['median_itl_ms']:>16.1f}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, report)
     if any(r["failed"] for r in report["modes"].values()):
         sys.exit("bench serving: some requests failed")
     return report

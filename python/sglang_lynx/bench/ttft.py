@@ -5,13 +5,13 @@
     python -m sglang_lynx.bench ttft --bandwidth-mbps 5,10,20,50 --input-len 1024,4096 ...  # a sweep
 
 For each bandwidth and mode: bring up prefill + decode + router with that mode and the paced link
-(one cluster, reused for every prompt length), send the prompts one at a time through the router (SGLang's ``/generate``, streaming, greedy, ``ignore_eos``)
-and time the first, the second and the K-th token on the client (every chunk carries the token
-count so far). The
-servers' timing records give, per request, the KV bytes each stream carried, the moment prefill's
-forward was done (P: everything but the transfer) and, in ``lynx`` mode, how many tokens were
-speculated on the Anchor and how many verification kept. The floor is P + Anchor bytes /
-bandwidth: what any 4-bit-first transfer must wait for.
+(one cluster, reused for every prompt length), send the prompts one at a time through the router
+(SGLang's ``/generate``, streaming, greedy, ``ignore_eos``) and time the first, the second and the
+K-th token on the client (every chunk carries the token count so far). The servers' timing records
+give, per request, the KV bytes each stream carried, the moment prefill's forward was done (P:
+everything but the transfer) and, in ``lynx`` mode, how many tokens were speculated on the Anchor
+and how many verification kept. The floor is P + Anchor bytes / bandwidth: what any 4-bit-first
+transfer must wait for.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sglang_lynx.bench import write_json
 from sglang_lynx.client import generate
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import MODES, LynxConfig
@@ -191,9 +192,7 @@ def run(args: argparse.Namespace) -> dict:
     out = reports[0] if len(reports) == 1 else {
         "bandwidths_mbps": args.bandwidth_mbps, "input_lens": args.input_len, "output_len": args.output_len,
         "num_prompts": args.num_prompts, "modes": modes, "sweep": reports}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, out)
     if args.plot:
         plot(reports, args.plot)
         print(f"wrote {args.plot}")
