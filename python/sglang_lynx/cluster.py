@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,8 +32,31 @@ HOST = "127.0.0.1"
 DEFAULT_STATE_DIR = Path(".lynx-cluster")
 
 
+# Ports for the servers come from below the kernel's ephemeral range (which outgoing connections take
+# their local ports from, so one could take a chosen port before its server binds it) and above the
+# range SGLang picks its own internal ports from (22000-29999).
+PORT_RANGE_START = 30000
+_handed_out: set[int] = set()
+PORT_TAKEN = "error while attempting to bind"  # uvicorn's message
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port no one listens on now, and not handed out before by this process."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_start = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_start = 32768
+    candidates = [p for p in range(PORT_RANGE_START, ephemeral_start) if p not in _handed_out]
+    for port in random.sample(candidates, min(len(candidates), 64)):
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # no room below the ephemeral range on this machine
         s.bind((HOST, 0))
         return s.getsockname()[1]
 
@@ -120,6 +144,8 @@ class _ProcessGroup:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise ClusterError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
+            if PORT_TAKEN in self.log_tail(name, lines=5):  # the server stays up without its HTTP port
+                raise ClusterError(f"{name} could not bind its port {url}:\n{self.log_tail(name)}")
             if _http_ok(f"{url}/health"):
                 return
             time.sleep(1)

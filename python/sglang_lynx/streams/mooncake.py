@@ -49,6 +49,7 @@ RESIDUAL_MESSAGE = b"LYNX_RESIDUAL"  # [header, room, b"1" ok | b"0" failed, rea
 # A new request's Anchor waits for at most one Residual job: keep a job to a few ms of link time.
 RESIDUAL_JOB_SECONDS = 0.02
 RESIDUAL_JOB_BYTES = (4 << 10, 1 << 20)  # bounds, whatever the link
+MAX_BLOCKS_PER_BATCH = 1024  # transfer blocks per Mooncake batch
 NO_PAGES = np.empty(0, dtype=np.int32)
 
 
@@ -101,7 +102,12 @@ class LynxKVManager(MooncakeKVManager):
 
     def _transfer_data(self, mooncake_session_id, transfer_blocks):
         self.pacer.pace(sum(length for _, _, length in transfer_blocks))
-        return super()._transfer_data(mooncake_session_id, transfer_blocks)
+        # Mooncake fails a batch of thousands of blocks (a 4096-token prompt's rows at page size 1).
+        for start in range(0, len(transfer_blocks), MAX_BLOCKS_PER_BATCH):
+            status = super()._transfer_data(mooncake_session_id, transfer_blocks[start:start + MAX_BLOCKS_PER_BATCH])
+            if status != 0:
+                return status
+        return 0
 
     # --- handshake ----------------------------------------------------------------------------
 
