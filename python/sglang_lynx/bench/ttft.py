@@ -107,6 +107,10 @@ def run_cluster(mode: str, bandwidth: float, args, model_path: str, prompts: dic
                 progress.set_postfix_str(f"{where}: {n} tokens, request {i + 1}/{len(texts)}")
                 at = time.time()
                 c = generate(spec.router_url, prompt, max_tokens=args.output_len, ignore_eos=True)
+                got = c.chunk_tokens[-1] if c.chunk_tokens else 0
+                if got < args.output_len:
+                    raise SystemExit(f"{where}: a {n}-token request ended after {got} of {args.output_len} "
+                                     f"tokens (finish reason: {c.finish_reason})")
                 sent[n].append({"rid": c.id, "sent": at, "ttft_s": c.ttft_s,
                                 "t2_s": c.time_to_token(min(2, args.output_len)),
                                 "ttk_s": c.time_to_token(args.output_len)})
