@@ -272,6 +272,7 @@ def plot(reports: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     lengths = sorted({r["input_len"] for r in reports})
@@ -299,6 +300,11 @@ def plot(reports: list[dict], path: Path) -> None:
             ax.axhline(r["prefill_ms"] / 1000, color="grey", ls=":", label="P (everything but the transfer)")
         ax.set(xscale="log", yscale="log", xlabel="KV link bandwidth (Mbit/s)", ylabel="seconds",
                title=f"{n}-token prompts ({points[0]['num_prompts']} per point, medians)")
+        if len(points) > 1:  # label the measured bandwidths in plain numbers
+            ax.set_xticks(bw, [f"{b:g}" for b in bw], minor=False)
+            ax.set_xticks([], minor=True)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.suptitle("SmolLM2-135M on this CPU: time to first token and to token K, measured")
