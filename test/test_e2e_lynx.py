@@ -11,7 +11,6 @@ import math
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import pytest
 import requests
@@ -334,10 +333,10 @@ def test_sglang_s_own_load_generator_runs_against_the_router(lynx_cluster, model
     """`python -m sglang.bench_serving`, as an SGLang user runs it, in this environment."""
     mode, cluster, _ = lynx_cluster
     only(mode, "lynx")
-    load = SimpleNamespace(num_prompts=4, input_len=64, output_len=8, max_concurrency=2)
     output = tmp_path / "bench.jsonl"
-    result = subprocess.run(bench_serving_cmd(load, cluster.spec.router_url, model_path, output),
-                            capture_output=True, text=True, timeout=600)
+    cmd = bench_serving_cmd(cluster.spec.router_url, model_path, output, num_prompts=4, input_len=64, output_len=8,
+                            max_concurrency=2)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Serving Benchmark Result" in result.stdout
     assert json.loads(output.read_text().splitlines()[-1])["completed"] == 4

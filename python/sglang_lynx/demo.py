@@ -31,10 +31,10 @@ def long_context(model_path: str, tokens: int) -> str:
     """About ``tokens`` tokens of the play, from the start of Act III."""
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     text = gutenberg_text(TEXT)
     passage = text[text.find("ACT III"):] if "ACT III" in text else text
-    ids = AutoTokenizer.from_pretrained(model_path)(passage).input_ids[:tokens]
-    return AutoTokenizer.from_pretrained(model_path).decode(ids)
+    return tokenizer.decode(tokenizer(passage).input_ids[:tokens])
 
 
 def timeline(spec: ClusterSpec, rid: str, sent: float, ttft_s: float, total_s: float) -> list[str]:
@@ -56,7 +56,7 @@ def timeline(spec: ClusterSpec, rid: str, sent: float, ttft_s: float, total_s: f
     lines = [f"prompt            {prefill['tokens']} tokens",
              f"{at(prefill['kv_ready'])}  prefill done: the prompt's KV is ready to ship",
              f"{at(decode['first_stream_landed'])}  first stream landed on decode ({first / 1e6:.2f} MB"
-             + (": Anchor, 4 of 8 bits and scales)" if residual else ")"),
+             + (f": Anchor, {spec.lynx.anchor_bits} of 8 bits and scales)" if residual else ")"),
              f"{ttft_s:7.2f} s  first token on the client"]
     if "residual_landed" in decode:
         lines += [f"{at(decode['residual_landed'])}  Residual landed ({residual / 1e6:.2f} MB); "

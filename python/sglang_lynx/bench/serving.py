@@ -38,12 +38,13 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def bench_serving_cmd(args, router_url: str, model_path: str, output_file: Path) -> list[str]:
+def bench_serving_cmd(router_url: str, model_path: str, output_file: Path, *, num_prompts: int, input_len: int,
+                      output_len: int, max_concurrency: int) -> list[str]:
     return [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang-oai", "--base-url", router_url,
             "--dataset-name", "random-ids", "--tokenizer", model_path, "--model", model_path,
-            "--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
-            "--random-output-len", str(args.output_len), "--random-range-ratio", "1.0",
-            "--max-concurrency", str(args.max_concurrency), "--warmup-requests", "1",
+            "--num-prompts", str(num_prompts), "--random-input-len", str(input_len),
+            "--random-output-len", str(output_len), "--random-range-ratio", "1.0",
+            "--max-concurrency", str(max_concurrency), "--warmup-requests", "1",
             "--disable-tqdm", "--output-file", str(output_file)]
 
 
@@ -53,7 +54,9 @@ def run_mode(mode: str, args, model_path: str, tmp: Path) -> dict:
                        log_dir=tmp / mode)
     print(f"\n=== {mode}: starting prefill, decode and router ...", flush=True)
     with PDCluster(spec):
-        subprocess.run(bench_serving_cmd(args, spec.router_url, model_path, output), check=True)
+        subprocess.run(bench_serving_cmd(spec.router_url, model_path, output, num_prompts=args.num_prompts,
+                                         input_len=args.input_len, output_len=args.output_len,
+                                         max_concurrency=args.max_concurrency), check=True)
     result = json.loads(output.read_text().splitlines()[-1])
     result["failed"] = args.num_prompts - result["completed"]
     return result

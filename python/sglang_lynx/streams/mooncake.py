@@ -104,7 +104,8 @@ class LynxKVManager(MooncakeKVManager):
         self.pacer.pace(sum(length for _, _, length in transfer_blocks))
         # Mooncake fails a batch of thousands of blocks (a 4096-token prompt's rows at page size 1).
         for start in range(0, len(transfer_blocks), MAX_BLOCKS_PER_BATCH):
-            status = super()._transfer_data(mooncake_session_id, transfer_blocks[start:start + MAX_BLOCKS_PER_BATCH])
+            batch = transfer_blocks[start:start + MAX_BLOCKS_PER_BATCH]
+            status = super()._transfer_data(mooncake_session_id, batch)
             if status != 0:
                 return status
         return 0
