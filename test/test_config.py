@@ -22,8 +22,9 @@ def test_defaults_are_off_4_bit_anchor_64_speculative_tokens_unpaced():
 
 def test_every_option_parses():
     config = parse("--lynx-mode", "lynx", "--lynx-anchor-bits", "5", "--lynx-group-size", "32",
-                   "--lynx-max-speculative-tokens", "16", "--lynx-bandwidth-mbps", "200")
-    assert config == LynxConfig("lynx", 5, 32, 16, 200.0)
+                   "--lynx-max-speculative-tokens", "16", "--lynx-bandwidth-mbps", "200",
+                   "--lynx-staging-mb", "256")
+    assert config == LynxConfig("lynx", 5, 32, 16, 200.0, staging_mb=256.0)
     assert config.enabled and config.residual_bits == 3
 
 
@@ -40,6 +41,7 @@ def test_lynx_alone_is_short_for_lynx_mode_lynx():
     (dict(max_speculative_tokens=-1), "--lynx-max-speculative-tokens must be between 0 and 1024"),
     (dict(bandwidth_mbps=0.0), "--lynx-bandwidth-mbps must be a positive number"),
     (dict(bandwidth_mbps=float("inf")), "--lynx-bandwidth-mbps must be a positive number"),
+    (dict(staging_mb=0.0), "--lynx-staging-mb must be a positive number of MiB"),
 ])
 def test_invalid_values_are_rejected_naming_the_flag(kwargs, message):
     with pytest.raises(LynxConfigError, match=message):

@@ -1,14 +1,17 @@
-"""Transfer scheduling and the page-row format of the two Lynx streams."""
+"""Transfer scheduling, the staging area and the row format of the two Lynx streams."""
 
+import collections
+import re
 import threading
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 
-from sglang_lynx.config import LynxConfig
-from sglang_lynx.streams.rows import LynxTransferError, PageRows, page_runs, split_blocks
+from sglang_lynx.config import STAGING_SHARE, LynxConfig, LynxConfigError
+from sglang_lynx.streams.rows import LynxTransferError, StagingRows, row_runs, split_blocks
 from sglang_lynx.streams.scheduler import ANCHOR, RESIDUAL, Pacer, StreamScheduler
 
 
@@ -61,91 +64,118 @@ def fake_pool(num_pages=6, page_size=64, layers=3, heads=2, dim=64, seed=0):
     )
 
 
-def send(src: PageRows, dst: PageRows, src_pages, dst_pages, residual: bool):
+def staging(config, pool, nbytes=1 << 30) -> StagingRows:
+    """A staging area beside ``pool``; by default as many rows as the pool has pages (6)."""
+    return StagingRows(config, pool, 64, nbytes)
+
+
+def send(src: StagingRows, dst: StagingRows, src_rows, dst_rows, residual: bool):
     """What Mooncake's writes do: copy byte ranges of rows between the two workers."""
-    for s, d in zip(src_pages, dst_pages):
-        dst.rows[d, : src.first_stream_nbytes] = src.rows[s, : src.first_stream_nbytes]
+    for s, d in zip(src_rows, dst_rows):
+        dst.buffer[d, : src.first_stream_nbytes] = src.buffer[s, : src.first_stream_nbytes]
         if residual:
-            dst.rows[d, src.residual_at:] = src.rows[s, src.residual_at:]
+            dst.buffer[d, src.residual_at:] = src.buffer[s, src.residual_at:]
 
 
 def tokens(pages, n, page_size=64):
     return (torch.tensor(pages)[:, None] * page_size + torch.arange(page_size)).flatten()[:n]
 
 
+def pool_kv(pool, pages, n):
+    return torch.stack([torch.stack([b[tokens(pages, n)] for b in bufs]) for bufs in (pool.k_buffer, pool.v_buffer)])
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4", "lynx"])
-def test_pages_land_in_the_decode_pool_at_their_new_places(mode):
+def test_pages_land_in_the_decode_pool_at_their_new_places_through_any_rows(mode):
     config = LynxConfig(mode=mode)
     prefill_pool, decode_pool = fake_pool(seed=1), fake_pool(seed=2)
-    prefill = PageRows(config, prefill_pool, 64, 6)
-    decode = PageRows(config, decode_pool, 64, 6)
+    prefill, decode = staging(config, prefill_pool), staging(config, decode_pool)
     src_pages, dst_pages, n = [1, 4, 2], [5, 0, 3], 150  # last page partly filled
-    prefill.encode(src_pages, n)
-    prefill.stamp(src_pages, n, room=77)
-    send(prefill, decode, src_pages, dst_pages, residual=False)
-    decode.land(dst_pages, n, room=77, merged=mode == "int8")
+    src_rows, dst_rows = [4, 0, 2], [1, 5, 3]
+    prefill.encode(src_pages, src_rows, n, room=77)
+    send(prefill, decode, src_rows, dst_rows, residual=False)
+    decode.land(dst_pages, dst_rows, n, room=77, merged=mode == "int8")
 
-    kv = prefill._gather(tokens(src_pages, n))
-    got = torch.stack([torch.stack([b[tokens(dst_pages, n)] for b in bufs])
-                       for bufs in (decode_pool.k_buffer, decode_pool.v_buffer)])
-    err = ((got - kv).norm() / kv.norm()).item()
+    kv = pool_kv(prefill_pool, src_pages, n)
+    err = ((pool_kv(decode_pool, dst_pages, n) - kv).norm() / kv.norm()).item()
     assert err < (0.01 if mode == "int8" else 0.12)
     if mode == "lynx":  # the Residual refines the same pages to exact INT8
-        send(prefill, decode, src_pages, dst_pages, residual=True)
-        decode.land(dst_pages, n, room=77, merged=True)
-        exact = torch.stack([torch.stack([b[tokens(dst_pages, n)] for b in bufs])
-                             for bufs in (decode_pool.k_buffer, decode_pool.v_buffer)])
-        whole = PageRows(config, fake_pool(seed=3), 64, 6)  # every byte at once: plain INT8
-        whole.rows.copy_(prefill.rows)
-        whole.land(src_pages, n, room=77, merged=True)
-        assert torch.equal(exact, torch.stack([torch.stack([b[tokens(src_pages, n)] for b in bufs])
-                                               for bufs in (whole.k_buffers, whole.v_buffers)]))
+        send(prefill, decode, src_rows, dst_rows, residual=True)
+        decode.land(dst_pages, dst_rows, n, room=77, merged=True)
+        whole_pool = fake_pool(seed=3)
+        whole = staging(config, whole_pool)  # every byte at once: plain INT8
+        whole.buffer.copy_(prefill.buffer)
+        whole.land(src_pages, src_rows, n, room=77, merged=True)
+        exact = pool_kv(decode_pool, dst_pages, n)
+        assert torch.equal(exact, pool_kv(whole_pool, src_pages, n))
         assert ((exact - kv).norm() / kv.norm()).item() < err
 
 
 def test_a_page_of_several_codec_blocks_lands_partly_filled():
     config = LynxConfig(mode="int8", group_size=32)  # a 64-token page holds two blocks
     prefill_pool, decode_pool = fake_pool(seed=4), fake_pool(seed=5)
-    prefill, decode = PageRows(config, prefill_pool, 64, 6), PageRows(config, decode_pool, 64, 6)
-    prefill.encode([2, 3], 64 + 20)  # the second page holds 20 tokens: one block
-    prefill.stamp([2, 3], 64 + 20, room=9)
-    send(prefill, decode, [2, 3], [4, 1], residual=True)
-    decode.land([4, 1], 64 + 20, room=9, merged=True)
-    kv = prefill._gather(tokens([2, 3], 84))
-    got = torch.stack([torch.stack([b[tokens([4, 1], 84)] for b in bufs])
-                       for bufs in (decode_pool.k_buffer, decode_pool.v_buffer)])
-    assert ((got - kv).norm() / kv.norm()).item() < 0.01
+    prefill, decode = staging(config, prefill_pool), staging(config, decode_pool)
+    prefill.encode([2, 3], [0, 1], 64 + 20, room=9)  # the second page holds 20 tokens: one block
+    send(prefill, decode, [0, 1], [3, 2], residual=True)
+    decode.land([4, 1], [3, 2], 64 + 20, room=9, merged=True)
+    kv = pool_kv(prefill_pool, [2, 3], 84)
+    assert ((pool_kv(decode_pool, [4, 1], 84) - kv).norm() / kv.norm()).item() < 0.01
 
 
 def test_only_the_first_stream_travels_first_and_int4_never_sends_a_residual():
     pool = fake_pool()
-    lynx, int8, int4 = (PageRows(LynxConfig(mode=m), pool, 64, 6) for m in ("lynx", "int8", "int4"))
+    lynx, int8, int4 = (staging(LynxConfig(mode=m), pool) for m in ("lynx", "int8", "int4"))
     assert lynx.first_stream_nbytes == int4.first_stream_nbytes < int8.first_stream_nbytes == int8.row_nbytes
     assert lynx.residual_nbytes > 0 and int4.residual_nbytes == int8.residual_nbytes == 0
-    raw = PageRows(LynxConfig(mode="raw"), pool, 64, 6)
+    raw = staging(LynxConfig(mode="raw"), pool)
     assert raw.row_nbytes == raw.first_stream_nbytes == 32  # raw rows carry only the header
 
 
 def test_decode_refuses_stale_rows_and_rows_of_other_settings():
-    pool = fake_pool()
-    prefill = PageRows(LynxConfig(mode="lynx", anchor_bits=3), pool, 64, 6)
-    decode = PageRows(LynxConfig(mode="lynx"), fake_pool(), 64, 6)
+    prefill = staging(LynxConfig(mode="lynx", anchor_bits=3), fake_pool())
+    decode = staging(LynxConfig(mode="lynx"), fake_pool())
     with pytest.raises(LynxTransferError, match="is the prefill worker running with --lynx-mode lynx"):
-        decode.land([0], 64, room=5, merged=False)
-    prefill.encode([0], 64)
-    prefill.stamp([0], 64, room=5)
-    decode.rows[0, :32] = prefill.rows[0, :32]
+        decode.land([0], [0], 64, room=5, merged=False)
+    prefill.encode([0], [0], 64, room=5)
+    decode.buffer[0, :32] = prefill.buffer[0, :32]
     with pytest.raises(LynxTransferError, match="prefill sent mode=lynx anchor_bits=3 .* decode expects mode=lynx anchor_bits=4"):
-        decode.land([0], 64, room=5, merged=False)
+        decode.land([0], [0], 64, room=5, merged=False)
     with pytest.raises(LynxTransferError, match="no Lynx data arrived"):
-        decode.land([0], 64, room=6, merged=False)  # another request's bytes
-    decode.forget([0])
+        decode.land([0], [0], 64, room=6, merged=False)  # another request's bytes
+    decode.free([0])
     with pytest.raises(LynxTransferError, match="no Lynx data arrived"):
-        decode.land([0], 64, room=5, merged=False)
+        decode.land([0], [0], 64, room=5, merged=False)
 
 
-def test_page_runs_address_each_page_row_range():
-    assert page_runs([2, 0], [1, 3], 1000, 5000, 100, 32, 10) == [(1232, 5132, 10), (1032, 5332, 10)]
+def test_rows_are_handed_out_per_request_and_come_back():
+    row_nbytes = staging(LynxConfig(mode="lynx"), fake_pool()).row_nbytes
+    rows = staging(LynxConfig(mode="lynx"), fake_pool(num_pages=8), nbytes=5 * row_nbytes + row_nbytes // 2)
+    assert rows.num_rows == 5  # the area, not the pool, sets the count
+    a = rows.alloc(3)
+    assert sorted(a) == [0, 1, 2] and rows.rows_in_use == 3
+    assert rows.alloc(3) is None and rows.free_rows == 2  # too few left: nothing is taken
+    b = rows.alloc(2)
+    rows.free(a)
+    assert rows.rows_in_use == 2 and len(set(rows.alloc(3)) | set(b)) == 5
+
+
+def test_never_more_rows_than_pool_pages_and_an_area_too_small_for_one_row_is_refused():
+    assert staging(LynxConfig(mode="raw"), fake_pool()).num_rows == 6  # 32-byte rows
+    with pytest.raises(LynxConfigError, match="--lynx-staging-mb .* holds no Lynx row"):
+        staging(LynxConfig(mode="lynx"), fake_pool(), nbytes=1000)
+
+
+def test_staging_defaults_to_a_share_of_the_kv_pool_set_aside_before_sglang_sizes_it():
+    default, set_mb = LynxConfig(mode="lynx"), LynxConfig(mode="lynx", staging_mb=64)
+    assert default.staging_nbytes(10**9) == STAGING_SHARE * 10**9
+    budget = 21 * 10**9
+    reserve = default.staging_reserve(budget)
+    assert reserve == pytest.approx(default.staging_nbytes(budget - reserve), rel=1e-9)  # a share of what is left
+    assert set_mb.staging_nbytes(10**9) == set_mb.staging_reserve(budget) == 64 << 20
+
+
+def test_row_runs_address_each_row_range():
+    assert row_runs([2, 0], [1, 3], 1000, 5000, 100, 32, 10) == [(1232, 5132, 10), (1032, 5332, 10)]
 
 
 def test_residual_jobs_are_bounded_and_cover_every_byte_once():
@@ -158,17 +188,16 @@ def test_residual_jobs_are_bounded_and_cover_every_byte_once():
 
 
 def test_a_prefill_page_shared_by_two_requests_reaches_each_with_its_own_header():
-    """A radix-cached prefix page is encoded for each request using it; each send names its request."""
+    """A radix-cached prefix page is encoded into each request's own rows, named for that request."""
     config = LynxConfig(mode="lynx")
-    prefill = PageRows(config, fake_pool(seed=6), 64, 6)
-    decode_a, decode_b = (PageRows(config, fake_pool(seed=s), 64, 6) for s in (7, 8))
-    prefill.encode([1, 2], 128)  # request A: shared page 1, own page 2
-    prefill.encode([1, 3], 100)  # request B: shared page 1, own page 3, encoded before A's send
-    for room, decode, src in ((11, decode_a, [1, 2]), (12, decode_b, [1, 3])):
-        prefill.stamp(src, 128 if room == 11 else 100, room)
-        send(prefill, decode, src, [4, 5], residual=False)
-    decode_a.land([4, 5], 128, room=11, merged=False)
-    decode_b.land([4, 5], 100, room=12, merged=False)
+    prefill = staging(config, fake_pool(seed=6))
+    decode_a, decode_b = (staging(config, fake_pool(seed=s)) for s in (7, 8))
+    prefill.encode([1, 2], [0, 1], 128, room=11)  # request A: shared page 1, own page 2
+    prefill.encode([1, 3], [2, 3], 100, room=12)  # request B: shared page 1, own page 3
+    send(prefill, decode_a, [0, 1], [4, 5], residual=False)
+    send(prefill, decode_b, [2, 3], [4, 5], residual=False)
+    decode_a.land([4, 5], [4, 5], 128, room=11, merged=False)
+    decode_b.land([4, 5], [4, 5], 100, room=12, merged=False)
 
 
 class FakeDecodeManager:
@@ -177,15 +206,14 @@ class FakeDecodeManager:
     def __init__(self, waiting_timeout):
         from sglang_lynx.streams.timings import Timings
 
-        self.waiting_timeout, self.arrivals, self.abandoned, self.forgotten = waiting_timeout, {}, [], []
+        self.waiting_timeout, self.arrivals, self.released = waiting_timeout, {}, []
         self.timings = Timings(None, role="decode")
-        self.rows = types.SimpleNamespace(forget=self.forgotten.append)
 
     def take_residual_arrival(self, room):
         return self.arrivals.pop(room, None)
 
-    def abandon_residual(self, room):
-        self.abandoned.append(room)
+    def release_rows(self, room, residual_due=False, rows_written=False):
+        self.released.append((room, residual_due, rows_written))
 
 
 def test_an_anchored_request_learns_of_its_residual_once_or_gives_up_after_the_timeout():
@@ -193,30 +221,127 @@ def test_an_anchored_request_learns_of_its_residual_once_or_gives_up_after_the_t
     from sglang_lynx.streams.mooncake import ResidualArrival
 
     manager = FakeDecodeManager(waiting_timeout=60)
-    waiting = Anchored(manager, [3, 4], 100, room=7, since=time.time())
+    waiting = Anchored(manager, [3, 4], [0, 1], 100, room=7, since=time.time())
     assert waiting.take_residual() is None
     manager.arrivals[7] = ResidualArrival(None, 123.0)
     assert waiting.take_residual() == (None, 123.0) and waiting.take_residual() is None
     waiting.close()
-    assert manager.forgotten == [[3, 4]] and manager.abandoned == []  # nothing more is coming
+    assert manager.released == [(7, False, False)]  # nothing more is coming: rows free at once
 
-    late = Anchored(manager, [5], 10, room=8, since=time.time() - 61)
+    late = Anchored(manager, [5], [2], 10, room=8, since=time.time() - 61)
     failure, _ = late.take_residual()
     assert failure.startswith("the Residual did not arrive within 61 s")
     late.close(failure=failure)
-    assert manager.abandoned == [8]  # dropped if it still comes
+    assert manager.released[-1] == (8, True, True)  # rows wait for it, should it still come
 
 
-def test_a_residual_for_a_request_that_already_ended_is_dropped_when_it_lands():
-    from sglang_lynx.streams.mooncake import RESIDUAL_MESSAGE, LynxKVManager
+def decode_manager(num_rows=4, waiting_timeout=60):
+    from sglang_lynx.streams.mooncake import LynxKVManager
 
-    decode = types.SimpleNamespace(residual_arrivals={}, abandoned_rooms=set(), _arrivals_lock=threading.Lock(),
-                                   residual_landed=threading.Event())
-    message = lambda room: [RESIDUAL_MESSAGE, str(room).encode(), b"1", b""]
-    LynxKVManager.abandon_residual(decode, 5)  # ended before its Residual came
-    LynxKVManager._on_residual_message(decode, message(5))
-    LynxKVManager._on_residual_message(decode, message(6))
-    assert set(decode.residual_arrivals) == {6} and not decode.abandoned_rooms
-    assert decode.residual_landed.is_set()  # an idle scheduler wakes up for it
-    LynxKVManager.abandon_residual(decode, 6)  # ended after it came
-    assert not decode.residual_arrivals and not decode.abandoned_rooms
+    manager = LynxKVManager.__new__(LynxKVManager)  # the decode-side state, without SGLang's engine
+    manager.lynx, manager.waiting_timeout = LynxConfig(mode="lynx"), waiting_timeout
+    manager.rows = staging(manager.lynx, fake_pool(num_pages=num_rows))
+    manager.staged, manager.waiting_since, manager.staging_waits = {}, {}, {}
+    manager.residual_arrivals, manager.abandoned = {}, {}
+    manager._arrivals_lock, manager.residual_landed = threading.Lock(), threading.Event()
+    return manager
+
+
+def residual_message(room):
+    from sglang_lynx.streams.mooncake import RESIDUAL_MESSAGE
+
+    return [RESIDUAL_MESSAGE, str(room).encode(), b"1", b""]
+
+
+def test_rows_a_residual_may_still_be_written_into_come_back_only_once_it_has_landed():
+    manager = decode_manager()
+    manager.staged = {5: manager.rows.alloc(2), 6: manager.rows.alloc(1)}
+    manager.release_rows(5, residual_due=True, rows_written=True)  # ended while its Residual streams
+    assert manager.rows.rows_in_use == 3
+    manager._on_residual_message(residual_message(5))
+    assert manager.rows.rows_in_use == 1 and not manager.residual_arrivals  # dropped, rows back
+
+    manager._on_residual_message(residual_message(6))
+    assert set(manager.residual_arrivals) == {6} and manager.residual_landed.is_set()  # wakes the scheduler
+    manager.release_rows(6, residual_due=True, rows_written=True)  # ended after it came
+    assert manager.rows.rows_in_use == 0 and not manager.residual_arrivals and not manager.abandoned
+
+
+def test_rows_waiting_for_a_residual_that_never_comes_come_back_after_the_timeout():
+    manager = decode_manager(waiting_timeout=0)
+    manager.staged = {7: manager.rows.alloc(2)}
+    manager.release_rows(7, residual_due=True, rows_written=True)
+    time.sleep(0.01)
+    manager.release_rows(8)  # any later release sweeps expired ones
+    assert manager.rows.rows_in_use == 0 and not manager.abandoned
+
+
+def test_a_failed_request_frees_its_rows_at_once_and_forgets_its_residual_when_it_comes():
+    manager = decode_manager()
+    manager.staged = {9: manager.rows.alloc(3)}
+    manager.release_rows(9, residual_due=True)
+    assert manager.rows.rows_in_use == 0
+    manager._on_residual_message(residual_message(9))
+    assert not manager.residual_arrivals and not manager.abandoned
+
+
+def test_requests_waiting_for_rows_are_timed_from_their_first_wait():
+    manager = decode_manager()
+    manager.note_waiting(held=[1, 2], admitted=[])
+    first = dict(manager.waiting_since)
+    time.sleep(0.01)
+    manager.note_waiting(held=[2], admitted=[1])  # 1 is let through: its wait ends when it takes rows
+    assert manager.waiting_since == first
+    manager.note_waiting(held=[], admitted=[])  # 2 was aborted while it waited
+    assert manager.waiting_since == {}
+
+
+def prefill_manager(num_rows=4):
+    """The prefill-side state of a Lynx KV manager, with SGLang's sending stubbed to a log."""
+    from sglang_lynx.streams.mooncake import LynxKVManager
+    from sglang_lynx.streams.timings import Timings
+
+    manager = LynxKVManager.__new__(LynxKVManager)
+    manager.lynx = LynxConfig(mode="lynx")
+    manager.rows = staging(manager.lynx, fake_pool(num_pages=num_rows))
+    manager.staged, manager.peer_rows, manager.request_status = {}, {}, {}
+    manager.waiting_chunks, manager.timings = collections.deque(), Timings(None, role="prefill")
+    manager.disaggregation_mode = types.SimpleNamespace(value="prefill")
+    manager.sent, manager.failed = [], []
+    manager.streams = types.SimpleNamespace(submit=lambda priority, job: manager.sent.append(job.args[0].room))
+    manager.conclude_failure = lambda bootstrap_room, failure_reason: manager.failed.append((bootstrap_room, failure_reason))
+    return manager
+
+
+def chunk(manager, room, pages, first=0):
+    """A chunk of request ``room``: pool pages ``pages``, the request's pages from ``first`` on."""
+    from sglang_lynx.streams.mooncake import _Chunk
+
+    forwarded = lambda kv_indices: manager.sent.append(("forwarded", room))
+    return _Chunk(room, np.asarray(pages), 64 * len(pages), slice(first, first + len(pages)), True,
+                  [("decode", None)], forwarded, time.time())
+
+
+def test_prefill_encodes_a_request_only_once_it_holds_rows_for_all_its_pages_oldest_first():
+    manager = prefill_manager(num_rows=4)
+    manager.peer_rows = {1: {"decode": np.arange(3)}, 2: {"decode": np.arange(2)}, 3: {"decode": np.arange(1)},
+                         4: {"decode": np.arange(5)}}
+    for c in (chunk(manager, 1, [0]), chunk(manager, 2, [1, 2]), chunk(manager, 3, [3])):
+        manager.waiting_chunks.append(c)
+    manager.start_waiting_chunks()
+    # 1 takes 3 of the 4 rows at its first chunk; 2 needs 2 and waits; 3 would fit but is newer: waits too.
+    assert manager.sent == [1] and [c.room for c in manager.waiting_chunks] == [2, 3]
+    manager.waiting_chunks.append(chunk(manager, 1, [2, 3], first=1))  # 1's next chunk: its rows are taken
+    manager.start_waiting_chunks()
+    assert manager.sent == [1, 1] and len(manager.staged[1]) == 3
+
+    manager._free_rows(1)  # its last stream has gone: 2 and 3 go, in order
+    manager.start_waiting_chunks()
+    assert manager.sent == [1, 1, 2, 3] and not manager.waiting_chunks and manager.rows.rows_in_use == 3
+
+    manager.waiting_chunks.append(chunk(manager, 4, [0]))  # 5 pages: more than the whole area
+    manager.start_waiting_chunks()
+    [(room, reason)] = manager.failed
+    assert room == 4 and re.fullmatch(r"Lynx: the prompt needs 5 Lynx rows \(.* MiB\) but the prefill worker's "
+                                      r"staging area holds 4 \(.* MiB\): raise --lynx-staging-mb", reason)
+    assert manager.sent[-1] == ("forwarded", 4)  # SGLang concludes the failed request

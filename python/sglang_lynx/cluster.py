@@ -174,6 +174,8 @@ def _server_cmd(model_path: str, port: int, lynx: LynxConfig, extra: list[str]) 
     ]
     if lynx.bandwidth_mbps is not None:
         cmd += ["--lynx-bandwidth-mbps", str(lynx.bandwidth_mbps)]
+    if lynx.staging_mb is not None:
+        cmd += ["--lynx-staging-mb", str(lynx.staging_mb)]
     if lynx.timings_file is not None:
         cmd += ["--lynx-timings-file", lynx.timings_file]
     return cmd + extra

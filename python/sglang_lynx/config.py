@@ -21,6 +21,8 @@ ENV_VAR = "SGLANG_LYNX_CONFIG"
 MODES = ("off", "raw", "int8", "int4", "lynx")
 QUANTIZED_MODES = ("int8", "int4", "lynx")
 ANCHOR_BITS = range(2, 7)  # 2..6; the Residual gets the other 8 - A bits
+# Default staging area: this share of the KV pool (rows hold only the KV in flight).
+STAGING_SHARE = 0.05
 
 
 class LynxConfigError(ValueError):
@@ -34,6 +36,7 @@ class LynxConfig:
     group_size: int = 64
     max_speculative_tokens: int = 64
     bandwidth_mbps: Optional[float] = None  # None: the link is not paced
+    staging_mb: Optional[float] = None  # None: STAGING_SHARE of the KV pool
     timings_file: Optional[str] = None  # per-request transfer timings, JSON lines
 
     def __post_init__(self):
@@ -61,6 +64,9 @@ class LynxConfig:
                 f"got {self.bandwidth_mbps}"
             )
 
+        if self.staging_mb is not None and not (math.isfinite(self.staging_mb) and self.staging_mb > 0):
+            raise LynxConfigError(f"--lynx-staging-mb must be a positive number of MiB; got {self.staging_mb}")
+
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
@@ -68,6 +74,19 @@ class LynxConfig:
     @property
     def residual_bits(self) -> int:
         return 8 - self.anchor_bits
+
+    def staging_nbytes(self, pool_nbytes: int) -> int:
+        """The staging area of a worker whose KV pool takes ``pool_nbytes``."""
+        if self.staging_mb is not None:
+            return int(self.staging_mb * 2**20)
+        return int(pool_nbytes * STAGING_SHARE)
+
+    def staging_reserve(self, kv_budget_nbytes: int) -> int:
+        """What to set aside for staging from the bytes SGLang is about to size its KV pool with,
+        so that the staging area and the pool together fit in that budget."""
+        if self.staging_mb is not None:
+            return self.staging_nbytes(0)
+        return int(kv_budget_nbytes * STAGING_SHARE / (1 + STAGING_SHARE))
 
     # --- command line -------------------------------------------------------------------------
 
@@ -89,6 +108,10 @@ class LynxConfig:
         group.add_argument("--lynx-bandwidth-mbps", type=_positive_float, default=None,
                            help="Pace the KV sender to this many megabits per second (experiments); "
                                 "default: unpaced.")
+        group.add_argument("--lynx-staging-mb", type=_positive_float, default=None,
+                           help="Memory for the Lynx rows of requests in flight, per worker, in MiB; "
+                                f"default: {STAGING_SHARE * 100:g}%% of the KV pool, set aside before SGLang sizes it. "
+                                "A request waits while the rows it needs are taken.")
         group.add_argument("--lynx-timings-file", default=None,
                            help="Append per-request transfer timings (JSON lines) to this file.")
 
@@ -100,6 +123,7 @@ class LynxConfig:
             group_size=args.lynx_group_size,
             max_speculative_tokens=args.lynx_max_speculative_tokens,
             bandwidth_mbps=args.lynx_bandwidth_mbps,
+            staging_mb=args.lynx_staging_mb,
             timings_file=args.lynx_timings_file,
         )
 

@@ -21,12 +21,19 @@ target                                                             hook    what 
 =================================================================  ======  ============================
 ``disaggregation.utils.get_kv_class``                              AROUND  the Lynx KV manager for the
                                                                            Mooncake backend
+``KVCacheConfigurator._profile_available_bytes``                   AFTER   set the staging area aside
+                                                                           before the KV pool is sized
 ``PrefillBootstrapQueue._init_kv_manager`` and                     AROUND  give the manager the KV pool
-``DecodePreallocQueue._init_kv_manager``                                   (to encode / land pages)
-``disaggregation.prefill.release_kv_cache``                        AROUND  keep a request's pages until
-                                                                           its Residual has gone
-``...PrefillMixin.process_disagg_prefill_inflight_queue``          AFTER   release them then
+``DecodePreallocQueue._init_kv_manager``                                   (staging rows beside it)
+``disaggregation.prefill.release_kv_cache``                        AROUND  keep a request's pages and
+                                                                           rows until its Residual has
+                                                                           gone
+``...PrefillMixin.process_disagg_prefill_inflight_queue``          AFTER   release them then; encode
+                                                                           chunks that waited for rows
+``DecodePreallocQueue.pop_preallocated``                           AROUND  hold requests until their
+                                                                           rows are free
 ``DecodeTransferQueue._commit_transfer_to_req``                    AROUND  land the first stream
+``DecodeTransferQueue._release_request``                           AFTER   free a failed request's rows
 ``Scheduler.is_fully_idle``                                        AFTER   pending Lynx work is work
 ``SchedulerInternalStateController.get_internal_state``            AFTER   a ``lynx`` section in
                                                                            ``/server_info``
@@ -52,6 +59,7 @@ and in ``lynx`` mode, speculation (``sglang_lynx.speculation.hooks``):
 =================================================================  ======  ============================
 """
 
+import logging
 import sys
 
 from sglang_lynx.compat import cpu
@@ -59,6 +67,8 @@ from sglang_lynx.config import LynxConfig, LynxConfigError
 
 DISAGG = "sglang.srt.disaggregation"
 MANAGERS = "sglang.srt.managers"
+
+logger = logging.getLogger(__name__)
 
 
 def load() -> None:
@@ -90,13 +100,17 @@ def lynx_hooks(mode: str) -> list:
 
     hooks = [
         (f"{DISAGG}.utils.get_kv_class", _lynx_kv_class, HookType.AROUND),
+        ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",
+         _set_aside_staging, HookType.AFTER),
         (f"{DISAGG}.prefill.PrefillBootstrapQueue._init_kv_manager", _attach_pool, HookType.AROUND),
         (f"{DISAGG}.decode.DecodePreallocQueue._init_kv_manager", _attach_pool, HookType.AROUND),
         (f"{DISAGG}.prefill.release_kv_cache", _release_after_residual, HookType.AROUND),
         (f"{DISAGG}.prefill.SchedulerDisaggregationPrefillMixin.process_disagg_prefill_inflight_queue",
-         _run_deferred_releases, HookType.AFTER),
+         _prefill_step, HookType.AFTER),
+        (f"{DISAGG}.decode.DecodePreallocQueue.pop_preallocated", landing.hold_for_staging, HookType.AROUND),
         (f"{DISAGG}.decode.DecodeTransferQueue._commit_transfer_to_req", landing.commit_transfer,
          HookType.AROUND),
+        (f"{DISAGG}.decode.DecodeTransferQueue._release_request", landing.release_failed, HookType.AFTER),
         (f"{MANAGERS}.scheduler.Scheduler.is_fully_idle", _idle_unless_lynx_work, HookType.AFTER),
         (f"{MANAGERS}.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
          _report_lynx_state, HookType.AFTER),
@@ -158,6 +172,14 @@ def _lynx_kv_class(original, transfer_backend, class_type):
     return original(transfer_backend, class_type)
 
 
+def _set_aside_staging(available_bytes, configurator, *args, **kwargs):
+    """What SGLang may size its KV pool with, less the staging area, so that
+    --mem-fraction-static keeps its meaning with Lynx rows on the same device."""
+    reserve = LynxConfig.from_env().staging_reserve(available_bytes)
+    logger.info("Lynx: %.1f MiB of the KV cache budget set aside for staging rows", reserve / 2**20)
+    return available_bytes - reserve
+
+
 def _attach_pool(original, queue):
     manager = original(queue)
     if _lynx_manager(manager) is not None:
@@ -172,10 +194,10 @@ def _release_after_residual(original, req, *args, **kwargs):
     manager.release_after_residual(req.bootstrap_room, lambda: original(req, *args, **kwargs))
 
 
-def _run_deferred_releases(result, scheduler, *args, **kwargs):
+def _prefill_step(result, scheduler, *args, **kwargs):
     manager = _lynx_manager(_prefill_manager(scheduler))
     if manager is not None:
-        manager.run_deferred_releases()
+        manager.step()
     return result
 
 
@@ -183,7 +205,7 @@ def _idle_unless_lynx_work(idle, scheduler, *args, **kwargs):
     from sglang_lynx.speculation.hooks import has_work
 
     prefill = _lynx_manager(_prefill_manager(scheduler))
-    return idle and not (prefill is not None and prefill.deferred_releases) and not has_work()
+    return idle and not (prefill is not None and prefill.has_work()) and not has_work()
 
 
 def _report_lynx_state(result, controller, *args, **kwargs):
@@ -195,10 +217,14 @@ def _report_lynx_state(result, controller, *args, **kwargs):
     state = {"mode": (prefill or decode).lynx.mode} if (prefill or decode) else {}
     if prefill is not None:
         state.update(residuals_in_flight=len(prefill.residual_plans),
-                     deferred_releases=len(prefill.deferred_releases))
+                     deferred_releases=len(prefill.deferred_releases), rows_in_use=prefill.rows.rows_in_use,
+                     rows_total=prefill.rows.num_rows, chunks_waiting_for_rows=len(prefill.waiting_chunks))
     if decode is not None:
         allocator = scheduler.token_to_kv_pool_allocator
-        state.update(rows_in_use=decode.rows.in_use(), free_kv_tokens=allocator.available_size(),
+        queued_rooms = {entry.req.bootstrap_room for entry in scheduler.disagg_decode_prealloc_queue.queue}
+        state.update(rows_in_use=decode.rows.rows_in_use, rows_total=decode.rows.num_rows,
+                     requests_waiting_for_rows=len(decode.waiting_since.keys() & queued_rooms),
+                     free_kv_tokens=allocator.available_size(),
                      total_kv_tokens=scheduler.max_total_num_tokens, **speculation_state())
     result.internal_state["lynx"] = state
     return result

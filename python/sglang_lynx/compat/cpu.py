@@ -42,7 +42,7 @@ SERVER_ARG_DEFAULTS = {
     "attention_backend": "torch_native",
     "dtype": "float32",  # bf16 matmuls are ~5x slower than fp32 on AVX2
     "sleep_on_idle": True,
-    "max_total_tokens": 32768,
+    "max_total_tokens": 65536,  # room for 8 full-context requests; the staging area is 5% of it
     "disable_overlap_schedule": True,
 }
 

@@ -1,9 +1,11 @@
-"""Decode side: land the streams in the KV pool.
+"""Decode side: hold requests until their rows are free, land the streams in the KV pool.
 
-When SGLang sees a request's transfer complete (first stream + first token), its pages are checked
-and written into the KV pool: Anchor-only (``int4``, ``lynx``) or exact INT8 (``int8``). A ``lynx``
-request is then :class:`Anchored` until its Residual lands and :meth:`Anchored.refine` rewrites its
-pages with INT8-exact values; what it does meanwhile is the speculation module's business.
+A request leaves SGLang's prealloc queue (pages allocated, metadata sent to prefill) only when the
+staging area has rows for it, oldest first (:func:`hold_for_staging`). When SGLang sees its transfer
+complete (first stream + first token), its rows are checked and written into the KV pool:
+Anchor-only (``int4``, ``lynx``) or exact INT8 (``int8``). A ``lynx`` request is then
+:class:`Anchored` until its Residual lands and :meth:`Anchored.refine` rewrites its pages with
+INT8-exact values; what it does meanwhile is the speculation module's business.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class Anchored:
     """A ``lynx`` request whose prompt pages hold Anchor-only KV until its Residual lands."""
 
     manager: LynxKVManager
-    pages: list
+    pages: list  # in the KV pool
+    rows: list  # in the staging area
     num_tokens: int
     room: int
     since: float
@@ -50,7 +53,7 @@ class Anchored:
         """Rewrite the prompt pages with INT8-exact KV; the reason if the bytes are not usable."""
         started = time.time()
         try:
-            self.manager.rows.land(self.pages, self.num_tokens, self.room, merged=True)
+            self.manager.rows.land(self.pages, self.rows, self.num_tokens, self.room, merged=True)
         except LynxTransferError as e:
             return str(e)
         self.record(refine_s=time.time() - started)
@@ -61,9 +64,7 @@ class Anchored:
 
     def close(self, failure: Optional[str] = None, **fields) -> None:
         """Done with the rows (before SGLang frees the pages); a Residual still to come is dropped."""
-        self.manager.rows.forget(self.pages)
-        if not self.arrived:
-            self.manager.abandon_residual(self.room)
+        self.manager.release_rows(self.room, residual_due=not self.arrived, rows_written=not self.arrived)
         if failure is not None:
             fields["failure"] = failure
         self.manager.timings.flush(self.room, **fields)
@@ -83,6 +84,57 @@ def request_pages(queue, req, page_size: int) -> tuple[list, int]:
     return (tokens // page_size).tolist(), num_tokens
 
 
+def hold_for_staging(original, queue, *args, **kwargs):
+    """AROUND ``DecodePreallocQueue.pop_preallocated``: let requests through, oldest first, only as
+    far as the staging area has free rows for them; the others stay queued, with no pages taken. A
+    request that needs more rows than the whole area is refused with a clear error."""
+    manager = queue.kv_manager
+    if not isinstance(manager, LynxKVManager):
+        return original(queue, *args, **kwargs)
+    if queue.pp_size == 1:
+        queue._update_handshake_waiters()  # as pop_preallocated does first: hidden requests need it too
+    free, held, admitted, refused, told = manager.rows.free_rows, [], [], [], []
+    for entry in queue.queue:
+        req = entry.req
+        # Requests still in their handshake count too: it may complete inside pop_preallocated.
+        if req.finished() or req.bootstrap_host == FAKE_BOOTSTRAP_HOST:
+            continue
+        pages = manager.rows.pages_for(queue._rebootstrap_prefill_len(req))
+        reason = manager.too_large(pages)
+        if reason is not None:
+            refused.append(entry)  # kept from pop_preallocated until SGLang's abort scan drops it
+            if entry.waiting_for_input:  # handshake done: prefill can be told, and not left waiting
+                prepare_abort(req, f"Lynx: {reason}", status_code=HTTPStatus.BAD_REQUEST)
+                told.append(entry.kv_receiver)
+        elif held or pages > free:
+            held.append(entry)
+        else:
+            free -= pages
+            admitted.append(req.bootstrap_room)
+    manager.note_waiting([entry.req.bootstrap_room for entry in held], admitted)
+    hidden = {id(entry) for entry in held + refused if not entry.req.finished()}
+    everyone = list(queue.queue)
+    queue.queue = [entry for entry in everyone if id(entry) not in hidden]
+    try:
+        return original(queue, *args, **kwargs)  # its abort scan answers the refused ones
+    finally:
+        position = {id(entry): i for i, entry in enumerate(everyone)}
+        back = [entry for entry in everyone if id(entry) in hidden]
+        queue.queue = sorted(queue.queue + back, key=lambda entry: position.get(id(entry), len(everyone)))
+        for receiver in told:  # after the scan, so that the error stays ours; prefill drops the request
+            receiver.ensure_abort_notified()
+
+
+def release_failed(result, queue, decode_req):
+    """AFTER ``DecodeTransferQueue._release_request``: SGLang lets go of a failed request's pages
+    (once prefill can no longer write them); its rows go too."""
+    manager = getattr(queue.scheduler.disagg_decode_prealloc_queue, "kv_manager", None)
+    if isinstance(manager, LynxKVManager):
+        # Its Residual, if one was on its way, stops once prefill sees the failure.
+        manager.release_rows(decode_req.req.bootstrap_room, residual_due=manager.lynx.mode == "lynx")
+    return result
+
+
 def commit_transfer(original, queue, decode_req):
     """AROUND ``DecodeTransferQueue._commit_transfer_to_req``: land the first stream first."""
     receiver = decode_req.kv_receiver
@@ -90,24 +142,29 @@ def commit_transfer(original, queue, decode_req):
     # Warm-up and health-check requests use a fake transfer: no KV travels for them.
     if not isinstance(manager, LynxKVManager) or decode_req.req.bootstrap_host == FAKE_BOOTSTRAP_HOST:
         return original(queue, decode_req)
-    req, mode = decode_req.req, manager.lynx.mode
+    req, mode, room = decode_req.req, manager.lynx.mode, decode_req.req.bootstrap_room
     pages, num_tokens = request_pages(queue, req, manager.rows.page_size)
+    rows = manager.staged.get(room)
     try:
-        manager.rows.land(pages, num_tokens, req.bootstrap_room, merged=mode == "int8")
+        if rows is None or len(rows) != len(pages):
+            raise LynxTransferError(f"this request holds {0 if rows is None else len(rows)} Lynx rows for "
+                                    f"{len(pages)} pages")
+        manager.rows.land(pages, rows, num_tokens, room, merged=mode == "int8")
     except LynxTransferError as e:
         logger.error("Lynx: request %s: %s", req.rid, e)
+        manager.release_rows(room, residual_due=mode == "lynx", rows_written=mode == "lynx")
         prepare_abort(req, f"Lynx KV transfer: {e}", status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
         receiver.clear()
         decode_req.kv_receiver = None
         return None
     now = time.time()
-    manager.timings.add(req.bootstrap_room, rid=req.rid, first_stream_landed=now, tokens=num_tokens)
+    manager.timings.add(room, rid=req.rid, first_stream_landed=now, tokens=num_tokens,
+                        staging_wait_s=manager.staging_wait(room))
     result = original(queue, decode_req)
     if mode == "lynx" and not req.finished():
-        anchored_requests(queue)[req.rid] = Anchored(manager, pages, num_tokens, req.bootstrap_room, now)
+        anchored_requests(queue)[req.rid] = Anchored(manager, pages, list(rows), num_tokens, room, now)
     else:
-        manager.rows.forget(pages)
-        if mode == "lynx":
-            manager.abandon_residual(req.bootstrap_room)
-        manager.timings.flush(req.bootstrap_room)
+        # A lynx request that ends on its first token does not wait for its Residual.
+        manager.release_rows(room, residual_due=mode == "lynx", rows_written=mode == "lynx")
+        manager.timings.flush(room)
     return result

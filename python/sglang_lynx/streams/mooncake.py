@@ -1,20 +1,29 @@
 """Lynx on SGLang's Mooncake transport: the KV manager, subclassed.
 
-Prefill (per request chunk, on the scheduler thread right after the forward):
-  encode the chunk's pages into :class:`PageRows`, then hand the chunk to the stream
-  scheduler. Its Anchor job writes the first stream of every page into the decode worker's
-  rows and only then passes the chunk on to SGLang's own transfer worker, with no pages
-  (``raw``: with the pages, whose bytes SGLang writes itself). SGLang's worker then sends the
-  first token (aux row) and reports Success to decode exactly as usual, and prefill answers
-  its HTTP request (the router relays decode's stream only after that answer). In ``lynx``
-  mode the Residual follows in bounded jobs behind every pending Anchor; its end is announced
-  to decode with a ``LYNX_RESIDUAL`` message. The request's KV pages (and so its rows) are
-  released only after that: the prefill scheduler's release is deferred until then.
+Both workers keep a staging area of Lynx rows (:class:`StagingRows`) beside the KV pool,
+registered with Mooncake once; a request holds rows only while its streams travel.
 
-Decode: allocates rows beside its KV pool, registers them with Mooncake and appends their
-address and its Lynx settings to SGLang's registration message. Prefill refuses to transfer
-to a decode worker whose settings differ, through SGLang's own per-session rejection, so the
-request fails with that reason and both workers keep serving.
+Decode: takes rows for a request when SGLang allocates its pages and sends them to prefill with
+SGLang's metadata message. A request whose rows are not free yet stays in SGLang's prealloc
+queue, oldest first (``landing.hold_for_staging``): no pages are taken, and prefill waits for the
+metadata as it does for a full KV pool. Rows go back once the Anchor (``int8``, ``int4``) or the
+Residual (``lynx``) is in the KV pool, or when SGLang releases a failed request; rows whose
+Residual may still be on its way go back when it has landed (or failed, or timed out).
+
+Prefill (per request chunk, on the scheduler thread right after the forward): takes the
+request's rows at its first chunk (or queues the chunk, oldest first, until they are free),
+encodes the chunk's pages into them, then hands the chunk to the stream scheduler. Its Anchor
+job writes the first stream of every row into decode's rows and only then passes the chunk on to
+SGLang's own transfer worker, with no pages (``raw``: with the pages, whose bytes SGLang writes
+itself). SGLang's worker then sends the first token (aux row) and reports Success to decode
+exactly as usual, and prefill answers its HTTP request (the router relays decode's stream only
+after that answer). In ``lynx`` mode the Residual follows in bounded jobs behind every pending
+Anchor; its end is announced to decode with a ``LYNX_RESIDUAL`` message. The request's KV pages
+and rows are released only after that: the prefill scheduler's release is deferred until then.
+
+Decode appends the address of its rows and its Lynx settings to SGLang's registration message.
+Prefill refuses to transfer to a decode worker whose settings differ, through SGLang's own
+per-session rejection, so the request fails with that reason and both workers keep serving.
 
 Every byte either side writes goes through :meth:`LynxKVManager._transfer_data`, paced by the
 emulated link (``--lynx-bandwidth-mbps``).
@@ -22,6 +31,7 @@ emulated link (``--lynx-bandwidth-mbps``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -33,18 +43,20 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.common.conn import ABORT_TAG
 from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
 from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.utils.network import NetworkAddress
 
 from sglang_lynx.config import LynxConfig
-from sglang_lynx.streams.rows import VERSION, PageRows, page_runs, split_blocks
+from sglang_lynx.streams.rows import VERSION, StagingRows, row_runs, split_blocks
 from sglang_lynx.streams.scheduler import ANCHOR, RESIDUAL, Pacer, StreamScheduler
 from sglang_lynx.streams.timings import Timings
 
 logger = logging.getLogger(__name__)
 
 REGISTRATION_FRAME = b"LYNX"  # followed by one JSON frame, at the end of decode's registration
+ROWS_FRAME = b"LYNX_ROWS"  # followed by decode's rows (int32), at the end of SGLang's metadata message
 RESIDUAL_MESSAGE = b"LYNX_RESIDUAL"  # [header, room, b"1" ok | b"0" failed, reason]
 # A new request's Anchor waits for at most one Residual job: keep a job to a few ms of link time.
 RESIDUAL_JOB_SECONDS = 0.02
@@ -60,10 +72,24 @@ class ResidualArrival(NamedTuple):
 
 @dataclasses.dataclass
 class _ResidualPlan:
-    """Where one request's Residual goes: (session, src pages, dst pages, endpoint, port) pieces."""
+    """Where one request's Residual goes: (session, src rows, dst rows, endpoint, port) pieces."""
 
     pieces: list = dataclasses.field(default_factory=list)
     failure: Optional[str] = None
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """A prefill chunk whose KV is ready, waiting to be encoded into its request's rows."""
+
+    room: int
+    pages: np.ndarray
+    num_tokens: int
+    index_slice: slice
+    is_last_chunk: bool
+    targets: list  # (decode session, SGLang's TransferInfo)
+    forward: Callable  # SGLang's add_transfer_request, given kv_indices
+    queued_at: float
 
 
 class LynxKVManager(MooncakeKVManager):
@@ -72,31 +98,51 @@ class LynxKVManager(MooncakeKVManager):
     kv_status_msg_carries_reason = True
 
     def __init__(self, *args, **kwargs):
+        # Prefill: decode aborted these rooms before this worker saw their request (room -> deadline).
+        self.early_aborts: dict[int, float] = {}
         super().__init__(*args, **kwargs)
         self.lynx = LynxConfig.from_env()
         self.pacer = Pacer(self.lynx.bandwidth_mbps)
         self.timings = Timings(self.lynx.timings_file, role=self.disaggregation_mode.value)
-        self.rows: Optional[PageRows] = None
+        self.rows: Optional[StagingRows] = None
+        self.staged: dict[int, np.ndarray] = {}  # room -> the rows it holds
         if self.disaggregation_mode == DisaggregationMode.PREFILL:
             self.peers: dict[str, Optional[dict]] = {}  # decode session -> its Lynx registration
+            self.peer_rows: dict[int, dict[str, np.ndarray]] = {}  # room -> decode session -> its rows
+            self.waiting_chunks: collections.deque[_Chunk] = collections.deque()  # for rows, oldest first
             self.streams = StreamScheduler()
             self.residual_plans: dict[int, _ResidualPlan] = {}  # from first stream to Residual's end
             self.deferred_releases: dict[int, Callable[[], None]] = {}  # run on the scheduler thread
         else:
+            self.waiting_since: dict[int, float] = {}  # room -> when it first waited for rows
+            self.staging_waits: dict[int, float] = {}  # room -> seconds it waited, until it lands
             self.residual_arrivals: dict[int, ResidualArrival] = {}
-            self.abandoned_rooms: set[int] = set()  # their Residual is no longer wanted
+            # Rows of ended requests whose Residual may still be written into them: room -> (rows, deadline).
+            self.abandoned: dict[int, tuple[np.ndarray, float]] = {}
             self.residual_landed = threading.Event()  # wakes an idle scheduler
             self._arrivals_lock = threading.Lock()  # the receiving thread vs the scheduler
 
     def attach_pool(self, pool) -> None:
-        """Allocate rows beside the KV pool (one per page) and register them for transfers."""
-        page_size = pool.page_size
-        num_pages = pool.k_buffer[0].shape[0] // page_size
-        self.rows = PageRows(self.lynx, pool, page_size, num_pages)
+        """Allocate the staging area beside the KV pool and register it for transfers."""
+        pool_nbytes = sum(b.numel() * b.element_size() for b in (*pool.k_buffer, *pool.v_buffer))
+        self.rows = StagingRows(self.lynx, pool, pool.page_size, self.lynx.staging_nbytes(pool_nbytes))
         self.engine.register(self.rows.data_ptr, self.rows.nbytes)
-        logger.info("Lynx %s rows: %d pages x %d B (%.0f MiB), first stream %d B/page",
-                    self.lynx.mode, num_pages, self.rows.row_nbytes, self.rows.nbytes / 2**20,
-                    self.rows.first_stream_nbytes)
+        logger.info("Lynx %s staging: %d rows x %d B = %.1f MiB, %.1f%% of the KV pool (%.0f MiB); "
+                    "%d tokens in flight at most; first stream %d B per row",
+                    self.lynx.mode, self.rows.num_rows, self.rows.row_nbytes, self.rows.nbytes / 2**20,
+                    100 * self.rows.nbytes / pool_nbytes, pool_nbytes / 2**20,
+                    self.rows.num_rows * self.rows.page_size, self.rows.first_stream_nbytes)
+
+    def rows_in_use(self) -> int:
+        return self.rows.rows_in_use
+
+    def too_large(self, pages: int) -> Optional[str]:
+        """Why a request of ``pages`` pages can never be staged here, if it cannot."""
+        if pages <= self.rows.num_rows:
+            return None
+        return (f"the prompt needs {pages} Lynx rows ({pages * self.rows.row_nbytes / 2**20:.1f} MiB) but the "
+                f"{self.disaggregation_mode.value} worker's staging area holds {self.rows.num_rows} "
+                f"({self.rows.nbytes / 2**20:.1f} MiB): raise --lynx-staging-mb")
 
     # --- the link -----------------------------------------------------------------------------
 
@@ -118,6 +164,24 @@ class LynxKVManager(MooncakeKVManager):
                 "row_nbytes": self.rows.row_nbytes, "row_version": VERSION}
         return super().build_receiver_registration_message() + [REGISTRATION_FRAME, json.dumps(lynx).encode()]
 
+    def build_receiver_metadata_message(self, *, bootstrap_room, kv_indices, is_dummy, **kwargs):
+        """Decode: SGLang's metadata message for a request whose pages were just allocated, plus the
+        rows it takes (``landing.hold_for_staging`` let it through only if they are free)."""
+        message = super().build_receiver_metadata_message(
+            bootstrap_room=bootstrap_room, kv_indices=kv_indices, is_dummy=is_dummy, **kwargs)
+        if is_dummy:
+            return message
+        rows = self.staged.get(bootstrap_room)
+        if rows is None:
+            rows = self.rows.alloc(len(kv_indices))
+            if rows is None:  # not held back: only a request SGLang admits past the hold gets here
+                rows = NO_PAGES
+            else:
+                self.staged[bootstrap_room] = rows
+                since = self.waiting_since.pop(bootstrap_room, None)
+                self.staging_waits[bootstrap_room] = 0.0 if since is None else time.time() - since
+        return message + [ROWS_FRAME, rows.tobytes()]
+
     def _make_worker_recv(self, socket, *args, **kwargs):
         recv = super()._make_worker_recv(socket, *args, **kwargs)
 
@@ -128,15 +192,39 @@ class LynxKVManager(MooncakeKVManager):
             if msg[0] == RESIDUAL_MESSAGE:
                 self._on_residual_message(msg)
                 return None
-            if msg[0] == b"None" and self.disaggregation_mode == DisaggregationMode.PREFILL:
+            if self.disaggregation_mode != DisaggregationMode.PREFILL:
+                return msg
+            if msg[0] == ABORT_TAG and len(msg) >= 2:
+                self._note_early_abort(int(msg[1]))
+            if msg[0] == b"None":
                 # A decode worker registers; SGLang's parser ignores frames it does not know.
                 session = msg[3].decode("ascii")
                 lynx = len(msg) >= 2 and msg[-2] == REGISTRATION_FRAME
                 self.peers[session] = json.loads(msg[-1]) if lynx else None
                 return msg[:-2] if lynx else msg
+            if len(msg) >= 2 and msg[-2] == ROWS_FRAME:  # a request's metadata, with decode's rows
+                room, session = int(msg[0].decode("ascii")), msg[3].decode("ascii")
+                self.peer_rows.setdefault(room, {})[session] = np.frombuffer(msg[-1], dtype=np.int32)
+                return msg[:-2]
             return msg
 
         return recv_with_lynx
+
+    def _note_early_abort(self, room: int) -> None:
+        """Prefill: decode refuses requests it holds for rows (too large, aborted) possibly before this
+        worker has registered them, and SGLang drops an abort for a room it does not know yet: the
+        request would then wait out the bootstrap timeout. Remember it for when the room registers."""
+        now = time.monotonic()
+        if self.request_status.get(room) is None:
+            self.early_aborts[room] = now + self.bootstrap_timeout
+        for expired in [r for r, deadline in self.early_aborts.items() if deadline < now]:
+            del self.early_aborts[expired]
+
+    def update_status(self, bootstrap_room, status):
+        super().update_status(bootstrap_room, status)
+        if status == KVPoll.Bootstrapping and self.early_aborts.pop(bootstrap_room, None) is not None:
+            self.record_failure(bootstrap_room, "Aborted by the decode worker")
+            super().update_status(bootstrap_room, KVPoll.Failed)
 
     def _validate_peer_state_layout(self, decode_kv_args):
         fully_checked, mismatch = super()._validate_peer_state_layout(decode_kv_args)
@@ -159,7 +247,7 @@ class LynxKVManager(MooncakeKVManager):
                     f"decode): the workers need the same model and --page-size")
         return None
 
-    # --- prefill: streams ---------------------------------------------------------------------
+    # --- prefill: rows --------------------------------------------------------------------------
 
     def add_transfer_request(self, bootstrap_room, kv_indices, index_slice, is_last_chunk,
                              aux_index=None, state_indices=None, num_kv_tokens=None, **kwargs):
@@ -176,27 +264,79 @@ class LynxKVManager(MooncakeKVManager):
             return
         pages = np.asarray(kv_indices, dtype=np.int64)
         num_tokens = num_kv_tokens or len(pages) * self.rows.page_size
-        started = time.time()
         if is_last_chunk:
-            self.timings.add(bootstrap_room, kv_ready=started)  # the prompt's forward is done
-        if self.lynx.mode == "raw":  # SGLang's worker writes these pool pages itself
-            self.timings.add(bootstrap_room, first_stream_bytes=len(pages) * sum(self.kv_args.kv_item_lens))
-        self.rows.encode(pages, num_tokens)  # right after the forward, on this thread
-        self.timings.add(bootstrap_room, encode_s=time.time() - started, tokens=num_tokens)
-        self.streams.submit(ANCHOR, functools.partial(
-            self._send_first_stream, bootstrap_room, pages, num_tokens, index_slice, is_last_chunk, targets,
-            functools.partial(forward, kv_indices=kv_indices if self.lynx.mode == "raw" else NO_PAGES)))
+            self.timings.add(bootstrap_room, kv_ready=time.time())  # the prompt's forward is done
+        self.waiting_chunks.append(_Chunk(bootstrap_room, pages, num_tokens, index_slice, is_last_chunk,
+                                          targets, forward, time.time()))
+        self.start_waiting_chunks()
 
-    def _send_first_stream(self, room, pages, num_tokens, index_slice, is_last_chunk, targets, forward) -> None:
+    def start_waiting_chunks(self) -> None:
+        """Encode and send every waiting chunk whose request holds rows or can take them now; a
+        request that finds too few free rows waits, and so does every newer one (scheduler thread)."""
+        blocked, waiting = False, collections.deque()
+        for chunk in self.waiting_chunks:
+            if chunk.room not in self.staged and (blocked or not self._take_rows(chunk)):
+                blocked = True
+                waiting.append(chunk)
+            else:
+                self._encode_chunk(chunk)
+        self.waiting_chunks = waiting
+
+    def _take_rows(self, chunk: _Chunk) -> bool:
+        """Rows for the whole request at its first chunk; False if it has to wait for them."""
+        room = chunk.room
+        sessions = self.peer_rows.get(room, {})
+        decode_rows = [sessions.get(session) for session, _ in chunk.targets]
+        if any(rows is None or len(rows) == 0 for rows in decode_rows):
+            self._fail(room, "Lynx: the decode worker sent no staging rows for this request")
+            return True
+        pages = max(len(rows) for rows in decode_rows)
+        reason = self.too_large(pages)
+        if reason is not None:
+            self._fail(room, f"Lynx: {reason}")
+            return True
+        rows = self.rows.alloc(pages)
+        if rows is None:
+            return False
+        self.staged[room] = rows
+        self.timings.add(room, staging_wait_s=time.time() - chunk.queued_at)
+        return True
+
+    def _fail(self, room, reason: str) -> None:
+        logger.error("Lynx: room %s: %s", room, reason)
+        self.conclude_failure(bootstrap_room=room, failure_reason=reason)
+
+    def _encode_chunk(self, chunk: _Chunk) -> None:
+        room = chunk.room
+        if room not in self.staged or self.request_status.get(room) == KVPoll.Failed:
+            return chunk.forward(kv_indices=chunk.pages)  # failed or aborted: SGLang concludes
+        if self.lynx.mode == "raw":  # SGLang's worker writes these pool pages itself
+            self.timings.add(room, first_stream_bytes=len(chunk.pages) * sum(self.kv_args.kv_item_lens))
+        started = time.time()
+        rows = self.staged[room][chunk.index_slice]
+        self.rows.encode(chunk.pages, rows, chunk.num_tokens, room)  # right after the forward, on this thread
+        self.timings.add(room, encode_s=time.time() - started, tokens=chunk.num_tokens)
+        forward = functools.partial(chunk.forward, kv_indices=chunk.pages if self.lynx.mode == "raw" else NO_PAGES)
+        self.streams.submit(ANCHOR, functools.partial(self._send_first_stream, chunk, rows, forward))
+
+    def _free_rows(self, room) -> None:
+        """Prefill: the request's KV is released; so are its rows and what waited for them."""
+        self.rows.free(self.staged.pop(room, NO_PAGES))
+        self.peer_rows.pop(room, None)
+        if any(chunk.room == room for chunk in self.waiting_chunks):
+            self.waiting_chunks = collections.deque(c for c in self.waiting_chunks if c.room != room)
+
+    # --- prefill: streams ---------------------------------------------------------------------
+
+    def _send_first_stream(self, chunk: _Chunk, rows, forward) -> None:
+        room = chunk.room
         if self.check_status(room) == KVPoll.Failed:
             return forward()  # aborted meanwhile: SGLang's worker drops the chunk
-        # Stamped here, on the one sending thread: a radix-cached page may be in several requests' chunks.
-        self.rows.stamp(pages, num_tokens, room)
         plan = self.residual_plans.setdefault(room, _ResidualPlan()) if self.lynx.mode == "lynx" else None
-        for session, info in targets:
-            dst_pages = info.dst_kv_indices[index_slice][: len(pages)]
-            blocks = page_runs(pages, dst_pages, self.rows.data_ptr, self.peers[session]["rows_ptr"],
-                               self.rows.row_nbytes, 0, self.rows.first_stream_nbytes)
+        for session, info in chunk.targets:
+            dst_rows = self.peer_rows[room][session][chunk.index_slice]
+            blocks = row_runs(rows, dst_rows, self.rows.data_ptr, self.peers[session]["rows_ptr"],
+                              self.rows.row_nbytes, 0, self.rows.first_stream_nbytes)
             if self._transfer_data(session, blocks) != 0:
                 self.residual_plans.pop(room, None)
                 self.conclude_failure(bootstrap_room=room,
@@ -204,9 +344,9 @@ class LynxKVManager(MooncakeKVManager):
                 return
             self.timings.add(room, first_stream_bytes=sum(b[2] for b in blocks))
             if plan is not None:
-                plan.pieces.append((session, pages, dst_pages, info.endpoint, info.dst_port))
+                plan.pieces.append((session, rows, dst_rows, info.endpoint, info.dst_port))
         forward()
-        if is_last_chunk:
+        if chunk.is_last_chunk:
             # SGLang's worker now writes the first token and reports Success; the Residual must not
             # take the link before that, or the first token would wait behind it.
             self._wait_concluded(room)
@@ -228,14 +368,16 @@ class LynxKVManager(MooncakeKVManager):
         rate = self.pacer.bytes_per_s
         job_bytes = high if rate is None else int(min(high, max(low, rate * RESIDUAL_JOB_SECONDS)))
         for session, src, dst, _, _ in plan.pieces:
-            blocks = page_runs(src, dst, self.rows.data_ptr, self.peers[session]["rows_ptr"],
-                               self.rows.row_nbytes, self.rows.residual_at, self.rows.residual_nbytes)
+            blocks = row_runs(src, dst, self.rows.data_ptr, self.peers[session]["rows_ptr"],
+                              self.rows.row_nbytes, self.rows.residual_at, self.rows.residual_nbytes)
             for job in split_blocks(blocks, job_bytes):
                 self.streams.submit(RESIDUAL, functools.partial(self._send_residual, room, session, job))
         self.streams.submit(RESIDUAL, functools.partial(self._finish_residual, room))
 
     def _send_residual(self, room, session, blocks) -> None:
         plan = self.residual_plans[room]
+        if plan.failure is None and self.request_status.get(room) == KVPoll.Failed:
+            plan.failure = "Lynx: the request was aborted"  # decode no longer wants its Residual
         if plan.failure is not None:
             return
         if self._transfer_data(session, blocks) != 0:
@@ -257,40 +399,76 @@ class LynxKVManager(MooncakeKVManager):
             logger.error("Lynx: Residual of room %s: %s", room, plan.failure)
         self.timings.flush(room, residual_sent=time.time(), **({} if ok else {"failure": plan.failure}))
 
-    # --- prefill: page release ----------------------------------------------------------------
+    # --- prefill: release ---------------------------------------------------------------------
 
     def release_after_residual(self, room, release: Callable[[], None]) -> None:
-        """Release a finished request's KV now, or once its Residual has gone (scheduler thread)."""
+        """Release a finished request's KV and rows now, or once its Residual has gone (scheduler thread)."""
         if room in self.residual_plans:
             self.deferred_releases[room] = release
         else:
             release()
+            self._free_rows(room)
 
-    def run_deferred_releases(self) -> None:
+    def step(self) -> None:
+        """Prefill, once per scheduler step: deferred releases, then chunks that waited for rows."""
         for room in [r for r in self.deferred_releases if r not in self.residual_plans]:
             self.deferred_releases.pop(room)()
+            self._free_rows(room)
+        if self.waiting_chunks:
+            self.start_waiting_chunks()
+
+    def has_work(self) -> bool:
+        return bool(self.deferred_releases or self.waiting_chunks)
+
+    # --- decode: rows -------------------------------------------------------------------------
+
+    def note_waiting(self, held: list, admitted: list) -> None:
+        """Decode: the rooms of the requests held in the prealloc queue for rows now, and of those
+        let through (whose wait ends when they take their rows)."""
+        now = time.time()
+        since = {room: self.waiting_since.get(room, now) for room in held}
+        since.update((room, self.waiting_since[room]) for room in admitted if room in self.waiting_since)
+        self.waiting_since = since
+
+    def staging_wait(self, room) -> float:
+        """Seconds the request of ``room`` waited for rows (once, when it lands)."""
+        return self.staging_waits.pop(room, 0.0)
+
+    def release_rows(self, room, residual_due: bool = False, rows_written: bool = False) -> None:
+        """Decode: the request of ``room`` is done with its rows. ``residual_due``: its Residual's
+        message has not been taken yet (it is dropped when it comes). ``rows_written``: prefill may
+        still be writing that Residual into the rows, so they go back once it has landed or failed
+        (or after SGLang's waiting timeout, should prefill never say)."""
+        self.waiting_since.pop(room, None)
+        self.staging_waits.pop(room, None)
+        rows = self.staged.pop(room, NO_PAGES)
+        now = time.monotonic()
+        with self._arrivals_lock:
+            if residual_due and self.residual_arrivals.pop(room, None) is None:
+                self.abandoned[room] = (rows if rows_written else NO_PAGES, now + self.waiting_timeout)
+                if rows_written:
+                    rows = NO_PAGES
+            expired = [r for r, (_, deadline) in self.abandoned.items() if deadline < now]
+            rows = np.concatenate([rows, *(self.abandoned.pop(r)[0] for r in expired)])
+        self.rows.free(rows)
 
     # --- decode: arrivals ---------------------------------------------------------------------
 
     def _on_residual_message(self, msg) -> None:
         room, ok, reason = int(msg[1]), msg[2] == b"1", msg[3].decode()
         with self._arrivals_lock:
-            if room in self.abandoned_rooms:
-                self.abandoned_rooms.discard(room)
-                return
-            self.residual_arrivals[room] = ResidualArrival(None if ok else reason, time.time())
+            abandoned = self.abandoned.pop(room, None)
+            if abandoned is None:
+                self.residual_arrivals[room] = ResidualArrival(None if ok else reason, time.time())
+        if abandoned is not None:
+            self.rows.free(abandoned[0])
+            return
         self.residual_landed.set()
 
     def take_residual_arrival(self, room) -> Optional[ResidualArrival]:
         """The Residual of ``room`` once it has landed (or failed); else None."""
         with self._arrivals_lock:
             return self.residual_arrivals.pop(room, None)
-
-    def abandon_residual(self, room) -> None:
-        """The request of ``room`` has ended: drop its Residual, now or when it comes."""
-        with self._arrivals_lock:
-            if self.residual_arrivals.pop(room, None) is None:
-                self.abandoned_rooms.add(room)
 
     def wait_for_residual(self, timeout: float) -> None:
         """Sleep until a Residual lands or ``timeout`` passes (an idle scheduler waiting for one)."""

@@ -1,34 +1,34 @@
-"""KV pages in Lynx form: one byte row per KV-pool page, on prefill and on decode.
+"""The staging area: KV pages in Lynx form, in rows handed out per request, on prefill and on decode.
 
-A row is laid out so that each stream is one contiguous write per page::
+A row holds one KV page, laid out so that each stream is one contiguous write::
 
     | header (32 B) | codec meta (table, zeros, scales) | Anchor planes | Residual planes |
     |<------------- first stream (Anchor) ------------------->|<- second stream ->|
 
-Rows are indexed by the page index of the worker's own KV pool: prefill encodes page p into
-its row p, and writes it into decode's row q, where q is the decode page SGLang allocated for
-it. Decode's rows therefore live exactly as long as the request's pages.
+Only KV in flight needs a row, so a worker has a fixed staging area (``--lynx-staging-mb``,
+default 5% of its KV pool) and each request takes rows from it for as long as its streams travel:
+on prefill from encoding until its last stream has gone, on decode from the moment SGLang allocates
+its pages until its Anchor (``int8``, ``int4``) or Residual (``lynx``) is in the KV pool. Decode
+tells prefill which of its rows each request got; prefill encodes page ``pages[i]`` into its own row
+``rows[i]`` and writes it into decode's row ``decode_rows[i]``.
 
-A prefill page cached in the radix tree can belong to several requests in flight at once: its
-planes are the same for all of them, but its header names one request. Prefill therefore stamps
-the header on the sending thread, right before the page's first stream goes, not when encoding.
-
-Each page is encoded on its own (its own scales and anchor table), so pages can be sent,
-landed and checked independently. The header names the request (bootstrap room) and the
-codec settings, so decode can tell Lynx data of this request from stale bytes or from a
-prefill worker with other settings.
+Each page is encoded on its own (its own scales and anchor table), so pages can be sent, landed and
+checked independently. The header names the request (bootstrap room) and the codec settings, so
+decode can tell Lynx data of this request from stale bytes or from a prefill worker with other
+settings; headers are cleared when rows go back to the free list.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+import threading
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from sglang_lynx.codec import Codec
-from sglang_lynx.config import MODES, LynxConfig
+from sglang_lynx.config import MODES, QUANTIZED_MODES, LynxConfig, LynxConfigError
 
 MAGIC = b"LYNX"
 VERSION = 2  # 2: 8-bit scales with a shared exponent per head (1: float16 scale and zero)
@@ -41,14 +41,20 @@ class LynxTransferError(RuntimeError):
     """Bytes that arrived are not what this decode worker expects; the message says why."""
 
 
-class PageRows:
-    def __init__(self, config: LynxConfig, pool, page_size: int, num_pages: int):
+class StagingRows:
+    """A staging area of ``nbytes`` beside a KV pool: rows of one page each, allocated per request.
+
+    ``alloc`` and ``free`` may be called from any thread; encoding and landing run on the
+    scheduler thread, on rows their request holds.
+    """
+
+    def __init__(self, config: LynxConfig, pool, page_size: int, nbytes: int):
         self.config = config
         self.page_size = page_size
         self.k_buffers, self.v_buffers = list(pool.k_buffer), list(pool.v_buffer)
         _, num_heads, head_dim = self.k_buffers[0].shape
         self.dtype, self.device = self.k_buffers[0].dtype, self.k_buffers[0].device
-        self.quantized = config.mode in ("int8", "int4", "lynx")
+        self.quantized = config.mode in QUANTIZED_MODES
         if self.quantized:
             self.codec = Codec(num_layers=len(self.k_buffers), num_heads=num_heads, head_dim=head_dim,
                                anchor_bits=config.anchor_bits, group_size=config.group_size)
@@ -64,35 +70,71 @@ class PageRows:
         # int8 sends everything at once; int4 never sends the Residual.
         self.first_stream_nbytes = self.row_nbytes if config.mode == "int8" else self.residual_at
         self.residual_nbytes = residual if config.mode == "lynx" else 0
-        self.rows = torch.zeros(num_pages, self.row_nbytes, dtype=torch.uint8, device=self.device)
+        pool_pages = self.k_buffers[0].shape[0] // page_size
+        self.num_rows = min(nbytes // self.row_nbytes, pool_pages)  # more rows than pages are never used
+        if self.num_rows < 1:
+            raise LynxConfigError(
+                f"--lynx-staging-mb {nbytes / 2**20:g} holds no Lynx row: one {page_size}-token page takes "
+                f"{self.row_nbytes / 2**20:.2f} MiB")
+        self.buffer = torch.zeros(self.num_rows, self.row_nbytes, dtype=torch.uint8, device=self.device)
+        self._free = list(range(self.num_rows - 1, -1, -1))  # a stack: low rows are reused first
+        self._lock = threading.Lock()
 
     @property
     def data_ptr(self) -> int:
-        return self.rows.data_ptr()
+        return self.buffer.data_ptr()
 
     @property
     def nbytes(self) -> int:
-        return self.rows.numel()
+        return self.buffer.numel()
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    # --- allocation -----------------------------------------------------------------------------
+
+    def alloc(self, n: int) -> Optional[np.ndarray]:
+        """``n`` free rows (int32 indices), or None when fewer than ``n`` are free."""
+        with self._lock:
+            if n > len(self._free):
+                return None
+            taken = [self._free.pop() for _ in range(n)]
+        return np.asarray(taken, dtype=np.int32)
+
+    def free(self, rows: Sequence[int]) -> None:
+        """Give rows back, headers cleared so that they never pass for a later request's data."""
+        if len(rows) == 0:
+            return
+        self.buffer[torch.as_tensor(np.asarray(rows), dtype=torch.long), : HEADER.size] = 0
+        with self._lock:
+            self._free.extend(int(r) for r in rows)
+
+    @property
+    def free_rows(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+    @property
+    def rows_in_use(self) -> int:
+        return self.num_rows - self.free_rows
 
     # --- prefill ------------------------------------------------------------------------------
 
-    def encode(self, pages: Sequence[int], num_tokens: int) -> None:
-        """Encode ``num_tokens`` tokens held in ``pages`` (all full but the last) into their rows."""
-        if not self.quantized:  # raw: the pool's own bytes travel
-            return
-        kv = self._gather(self._token_indices(pages, num_tokens))
-        for i, page in enumerate(pages):
+    def encode(self, pages: Sequence[int], rows: Sequence[int], num_tokens: int, room: int) -> None:
+        """Encode ``num_tokens`` tokens held in pool ``pages`` (all full but the last) into ``rows``,
+        with headers naming request ``room``."""
+        if self.quantized:
+            kv = self._gather(self._token_indices(pages, num_tokens))
+        for i, row in enumerate(rows):
             n = min(self.page_size, num_tokens - i * self.page_size)
+            self.buffer[row, : HEADER.size] = _header_bytes(self.config, n, room)
+            if not self.quantized:  # raw: the pool's own bytes travel
+                continue
             planes = self.codec.encode(kv[:, :, i * self.page_size: i * self.page_size + n])
-            meta, anchor, residual = self._planes(self.rows[page], n)
+            meta, anchor, residual = self._planes(self.buffer[row], n)
             meta.copy_(planes.meta)
             anchor.copy_(planes.anchor)
             residual.copy_(planes.residual)
-
-    def stamp(self, pages: Sequence[int], num_tokens: int, room: int) -> None:
-        """Write the headers naming request ``room`` into the rows of its ``pages``."""
-        for i, page in enumerate(pages):
-            self.rows[page, : HEADER.size] = _header_bytes(self.config, min(self.page_size, num_tokens - i * self.page_size), room)
 
     def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
         k = torch.stack([buf.index_select(0, tokens) for buf in self.k_buffers])
@@ -101,45 +143,32 @@ class PageRows:
 
     # --- decode -------------------------------------------------------------------------------
 
-    def land(self, pages: Sequence[int], num_tokens: int, room: int, merged: bool) -> None:
-        """Check the rows of ``pages`` and write their KV into the pool (Anchor-only or merged)."""
-        tokens = self._token_indices(pages, num_tokens)
+    def land(self, pages: Sequence[int], rows: Sequence[int], num_tokens: int, room: int, merged: bool) -> None:
+        """Check ``rows`` and write their KV into pool ``pages`` (Anchor-only or merged)."""
+        for i, row in enumerate(rows):
+            self._check_header(row, min(self.page_size, num_tokens - i * self.page_size), room)
         if not self.quantized:
-            self._check_headers(pages, num_tokens, room)
             return
         parts = []
-        for i, page in enumerate(pages):
+        for i, row in enumerate(rows):
             n = min(self.page_size, num_tokens - i * self.page_size)
-            self._check_header(page, n, room)
-            meta, anchor, residual = self._planes(self.rows[page], n)
+            meta, anchor, residual = self._planes(self.buffer[row], n)
             if merged:
                 parts.append(self.codec.decode_merged(anchor, residual, meta, n, dtype=self.dtype))
             else:
                 parts.append(self.codec.decode_anchor(anchor, meta, n, dtype=self.dtype))
         kv = torch.cat(parts, dim=2)
+        tokens = self._token_indices(pages, num_tokens)
         for layer, (k_buf, v_buf) in enumerate(zip(self.k_buffers, self.v_buffers)):
             k_buf.index_copy_(0, tokens, kv[0, layer])
             v_buf.index_copy_(0, tokens, kv[1, layer])
 
-    def in_use(self) -> int:
-        """Rows holding a request's data (not yet forgotten)."""
-        magic = torch.frombuffer(bytearray(MAGIC), dtype=torch.uint8).to(self.device)
-        return int((self.rows[:, : len(MAGIC)] == magic).all(dim=1).sum())
-
-    def forget(self, pages: Sequence[int]) -> None:
-        """Clear the headers so that these rows never pass for a later request's data."""
-        self.rows[torch.as_tensor(np.asarray(pages), dtype=torch.long), : HEADER.size] = 0
-
-    def _check_headers(self, pages, num_tokens, room) -> None:
-        for i, page in enumerate(pages):
-            self._check_header(page, min(self.page_size, num_tokens - i * self.page_size), room)
-
-    def _check_header(self, page: int, num_tokens: int, room: int) -> None:
+    def _check_header(self, row: int, num_tokens: int, room: int) -> None:
         magic, version, mode, bits, group, n, got_room = HEADER.unpack(
-            self.rows[page, : HEADER.size].cpu().numpy().tobytes())
+            self.buffer[row, : HEADER.size].cpu().numpy().tobytes())
         if magic != MAGIC or got_room != room:
             raise LynxTransferError(
-                f"no Lynx data arrived for this request (page {page}): is the prefill worker running "
+                f"no Lynx data arrived for this request (row {row}): is the prefill worker running "
                 f"with --lynx-mode {self.config.mode}?")
         theirs = (MODES[mode] if mode < len(MODES) else f"mode#{mode}", bits, group)
         ours = (self.config.mode, self.config.anchor_bits, self.config.group_size)
@@ -149,7 +178,7 @@ class PageRows:
                 f"anchor_bits={theirs[1]} group_size={theirs[2]}, decode expects mode={ours[0]} "
                 f"anchor_bits={ours[1]} group_size={ours[2]}")
         if n != num_tokens:
-            raise LynxTransferError(f"page {page} carries {n} tokens, decode expected {num_tokens}")
+            raise LynxTransferError(f"row {row} carries {n} tokens, decode expected {num_tokens}")
 
     # --- shared -------------------------------------------------------------------------------
 
@@ -172,11 +201,11 @@ def _header_bytes(config: LynxConfig, num_tokens: int, room: int) -> torch.Tenso
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
-def page_runs(src_pages: Sequence[int], dst_pages: Sequence[int], src_base: int, dst_base: int,
-              row_nbytes: int, offset: int, length: int) -> list[tuple[int, int, int]]:
+def row_runs(src_rows: Sequence[int], dst_rows: Sequence[int], src_base: int, dst_base: int,
+             row_nbytes: int, offset: int, length: int) -> list[tuple[int, int, int]]:
     """Mooncake transfer blocks (src address, dst address, length) for one byte range of rows."""
     return [(src_base + int(s) * row_nbytes + offset, dst_base + int(d) * row_nbytes + offset, length)
-            for s, d in zip(src_pages, dst_pages)]
+            for s, d in zip(src_rows, dst_rows)]
 
 
 def split_blocks(blocks: list[tuple[int, int, int]], max_bytes: int) -> list[list[tuple[int, int, int]]]:

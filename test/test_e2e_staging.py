@@ -1,0 +1,127 @@
+"""The staging area end to end: rows for about two long prompts, sixteen prompts of mixed lengths at once.
+
+Requests the rows cannot hold yet wait (decode keeps them in SGLang's prealloc queue; prefill keeps
+their encode), oldest first, and then answer exactly as with ample staging. Nothing fails for lack of
+rows, nothing is left held afterwards, aborted requests included, and a prompt larger than the whole
+area gets a clear error that names the flag.
+"""
+
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from transformers import AutoTokenizer
+
+from sglang_lynx.client import complete
+from sglang_lynx.cluster import ClusterSpec, PDCluster
+from sglang_lynx.config import LynxConfig
+from sglang_lynx.data import gutenberg_text
+
+pytestmark = pytest.mark.e2e
+
+LENGTHS = random.Random(0).sample([256 + (2048 - 256) * i // 15 for i in range(16)], 16)
+MAX_TOKENS = 8
+STAGING_MB = 48  # 65 rows of a 64-token page (774 kB each here): two 2048-token prompts
+AMPLE_MB = 400  # every prompt at once
+MODES = {
+    "int8-ample": LynxConfig(mode="int8", staging_mb=AMPLE_MB),
+    "int8": LynxConfig(mode="int8", staging_mb=STAGING_MB),
+    "lynx": LynxConfig(mode="lynx", staging_mb=STAGING_MB, bandwidth_mbps=400),
+}
+
+answers: dict[str, list] = {}
+
+
+def hamlet(model_path, start: int, num_tokens: int) -> str:
+    """About ``num_tokens`` tokens of Hamlet (the router takes text, not token ids)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return tokenizer.decode(tokenizer(gutenberg_text("hamlet"))["input_ids"][start: start + num_tokens])
+
+
+@pytest.fixture(scope="module")
+def prompts(model_path) -> list[str]:
+    return [hamlet(model_path, 1000 * i, n) for i, n in enumerate(LENGTHS)]  # different text for each
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def cluster(request, model_path, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp(request.param)
+    timings = log_dir / "timings.jsonl"
+    lynx = LynxConfig(**{**MODES[request.param].__dict__, "timings_file": str(timings)})
+    with PDCluster(ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir)) as pd:
+        yield request.param, pd, timings
+
+
+def lynx_state(url: str) -> dict:
+    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["lynx"]
+
+
+def all_at_once(url: str, prompts: list, **kwargs) -> list:
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: complete(url, p, max_tokens=MAX_TOKENS, **kwargs), prompts))
+
+
+def wait_until_idle(pd) -> tuple[dict, dict]:
+    deadline = time.time() + 60
+    while True:
+        prefill, decode = lynx_state(pd.spec.prefill_url), lynx_state(pd.spec.decode_url)
+        idle = (prefill["rows_in_use"] == decode["rows_in_use"] == 0
+                and decode["free_kv_tokens"] == decode["total_kv_tokens"] and decode.get("speculating", 0) == 0)
+        if idle or time.time() > deadline:
+            return prefill, decode
+        time.sleep(0.5)
+
+
+def test_sixteen_prompts_share_rows_for_two_and_answer_as_with_ample_staging(cluster, prompts):
+    name, pd, timings = cluster
+    state = lynx_state(pd.spec.decode_url)
+    assert state["rows_in_use"] == 0
+    got = all_at_once(pd.spec.router_url, prompts)
+    assert all(c.finish_reason == "length" for c in got)
+    answers[name] = [c.text for c in got]
+    if name == "int8-ample":
+        assert state["rows_total"] * 64 >= sum(LENGTHS)
+        return
+    assert state["rows_total"] * 64 <= 2 * max(LENGTHS) + 128  # about two of the longest prompts
+    assert answers[name] == answers["int8-ample"]
+    rids = {c.id for c in got}
+    waits = [r["staging_wait_s"] for r in map(json.loads, timings.read_text().splitlines())
+             if r["role"] == "decode" and r.get("rid") in rids]
+    assert len(waits) == len(prompts) and sum(w > 0.5 for w in waits) >= len(prompts) // 2
+
+
+def test_rows_come_back_after_the_requests_and_after_aborts(cluster, prompts):
+    name, pd, _ = cluster
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        pending = [pool.submit(complete, pd.spec.router_url, p, max_tokens=MAX_TOKENS, stream=True)
+                   for p in prompts]
+        time.sleep(3)  # some requests hold rows, others wait for them
+        # sglang-router does not pass a client's disconnect on to the workers: abort on both, as an operator would.
+        for url in (pd.spec.decode_url, pd.spec.prefill_url):
+            requests.post(f"{url}/abort_request", json={"abort_all": True}, timeout=60)
+        ended = []
+        for future in pending:
+            try:
+                ended.append(future.result(timeout=300).finish_reason)
+            except RuntimeError as e:  # an error status, or an error event in the stream
+                ended.append(str(e))
+    assert len(ended) == len(prompts)
+    prefill, decode = wait_until_idle(pd)
+    assert prefill["rows_in_use"] == decode["rows_in_use"] == 0
+    assert decode["free_kv_tokens"] == decode["total_kv_tokens"] and decode["requests_waiting_for_rows"] == 0
+    # and the cluster serves on
+    assert complete(pd.spec.router_url, prompts[0], max_tokens=MAX_TOKENS).text == answers[name][0]
+
+
+def test_a_prompt_larger_than_the_staging_area_gets_an_error_naming_the_flag(cluster, model_path):
+    name, pd, _ = cluster
+    if name == "int8-ample":
+        pytest.skip("applies to a small staging area")
+    with pytest.raises(RuntimeError, match="HTTP 400.*raise --lynx-staging-mb"):
+        complete(pd.spec.router_url, hamlet(model_path, 0, 5000), max_tokens=MAX_TOKENS)
+    assert complete(pd.spec.router_url, "The capital of France is", max_tokens=4).text
+    prefill, decode = wait_until_idle(pd)
+    assert prefill["rows_in_use"] == decode["rows_in_use"] == 0
