@@ -330,8 +330,8 @@ class LynxKVManager(MooncakeKVManager):
 
     def _send_first_stream(self, chunk: _Chunk, rows, forward) -> None:
         room = chunk.room
-        if self.check_status(room) == KVPoll.Failed:
-            return forward()  # aborted meanwhile: SGLang's worker drops the chunk
+        if self.request_status.get(room) in (None, KVPoll.Failed) or room not in self.peer_rows:
+            return forward()  # aborted (or released) meanwhile: SGLang's worker drops the chunk
         plan = self.residual_plans.setdefault(room, _ResidualPlan()) if self.lynx.mode == "lynx" else None
         for session, info in chunk.targets:
             dst_rows = self.peer_rows[room][session][chunk.index_slice]
