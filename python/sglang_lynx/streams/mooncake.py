@@ -133,9 +133,6 @@ class LynxKVManager(MooncakeKVManager):
                     100 * self.rows.nbytes / pool_nbytes, pool_nbytes / 2**20,
                     self.rows.num_rows * self.rows.page_size, self.rows.first_stream_nbytes)
 
-    def rows_in_use(self) -> int:
-        return self.rows.rows_in_use
-
     def too_large(self, pages: int) -> Optional[str]:
         """Why a request of ``pages`` pages can never be staged here, if it cannot."""
         if pages <= self.rows.num_rows:
