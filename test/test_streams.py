@@ -147,6 +147,39 @@ def test_decode_refuses_stale_rows_and_rows_of_other_settings():
         decode.land([0], [0], 64, room=5, merged=False)
 
 
+@pytest.mark.parametrize("mode, stream", [("int8", "Anchor"), ("int8", "Residual"), ("lynx", "Anchor"),
+                                          ("lynx", "Residual")])
+def test_a_byte_damaged_on_the_way_fails_the_landing_of_its_stream(mode, stream):
+    config = LynxConfig(mode=mode)
+    prefill, decode = staging(config, fake_pool(seed=1)), staging(config, fake_pool(seed=2))
+    prefill.encode([1, 2], [0, 1], 100, room=3)
+    send(prefill, decode, [0, 1], [2, 3], residual=True)
+    damaged = (decode.anchor_at if stream == "Anchor" else decode.residual_at) + 17
+    decode.buffer[3, damaged] ^= 0x10  # one bit of the second (partly filled) page
+    lands_first = mode == "lynx" and stream == "Residual"  # the Anchor alone is intact
+    if lands_first:
+        decode.land([4, 5], [2, 3], 100, room=3, merged=False)
+    with pytest.raises(LynxTransferError, match=f"the {stream} of row 3 fails its checksum"):
+        decode.land([4, 5], [2, 3], 100, room=3, merged=lands_first or mode == "int8")
+
+
+def test_checksums_are_checked_only_where_both_workers_want_them():
+    damaged = lambda prefill_sums, decode_sums: _land_damaged(LynxConfig(mode="int8", verify_checksums=prefill_sums),
+                                                              LynxConfig(mode="int8", verify_checksums=decode_sums))
+    with pytest.raises(LynxTransferError, match="fails its checksum"):
+        damaged(True, True)
+    damaged(False, True)  # no sums were written: the damage goes unseen, as with checksums off
+    damaged(True, False)
+
+
+def _land_damaged(prefill_config, decode_config):
+    prefill, decode = staging(prefill_config, fake_pool()), staging(decode_config, fake_pool())
+    prefill.encode([0], [0], 64, room=1)
+    send(prefill, decode, [0], [0], residual=True)
+    decode.buffer[0, decode.anchor_at] ^= 1
+    decode.land([0], [0], 64, room=1, merged=True)
+
+
 def test_rows_are_handed_out_per_request_and_come_back():
     row_nbytes = staging(LynxConfig(mode="lynx"), fake_pool()).row_nbytes
     rows = staging(LynxConfig(mode="lynx"), fake_pool(num_pages=8), nbytes=5 * row_nbytes + row_nbytes // 2)
@@ -242,8 +275,11 @@ def decode_manager(num_rows=4, waiting_timeout=60):
     manager.lynx, manager.waiting_timeout = LynxConfig(mode="lynx"), waiting_timeout
     manager.rows = staging(manager.lynx, fake_pool(num_pages=num_rows))
     manager.staged, manager.waiting_since, manager.staging_waits = {}, {}, {}
-    manager.residual_arrivals, manager.abandoned = {}, {}
+    manager.residual_arrivals, manager.abandoned, manager.residual_sources = {}, {}, {}
     manager._arrivals_lock, manager.residual_landed = threading.Lock(), threading.Event()
+    # what SGLang's heartbeat bookkeeping needs
+    manager.connection_lock, manager.connection_pool, manager.prefill_info_table = threading.Lock(), {}, {}
+    manager.heartbeat_failures, manager.addr_to_rooms_tracker, manager.request_status = {}, {}, {}
     return manager
 
 
@@ -345,3 +381,34 @@ def test_prefill_encodes_a_request_only_once_it_holds_rows_for_all_its_pages_old
     assert room == 4 and re.fullmatch(r"Lynx: the prompt needs 5 Lynx rows \(.* MiB\) but the prefill worker's "
                                       r"staging area holds 4 \(.* MiB\): raise --lynx-staging-mb", reason)
     assert manager.sent[-1] == ("forwarded", 4)  # SGLang concludes the failed request
+
+
+def test_requests_anchored_on_a_lost_prefill_learn_that_their_residual_will_not_come():
+    manager = decode_manager()
+    manager.expect_residual(1, "10.0.0.1:8998")
+    manager.expect_residual(2, "10.0.0.2:8998")
+    manager._handle_node_failure("10.0.0.1:8998")  # SGLang's heartbeat gave up on that prefill
+    assert manager.residual_landed.is_set()  # an idle scheduler wakes for it
+    failure = manager.take_residual_arrival(1).failure
+    assert "lost the prefill worker (10.0.0.1:8998)" in failure
+    assert manager.take_residual_arrival(2) is None  # its prefill is alive: it waits on
+
+
+def test_a_second_release_of_a_failed_request_keeps_its_rows_quarantined():
+    manager = decode_manager()
+    manager.staged = {5: manager.rows.alloc(2)}
+    manager.release_rows(5, residual_due=True, rows_written=True)  # Lynx: its Anchor failed to land
+    manager.release_rows(5, residual_due=True)  # then SGLang releases the failed request
+    assert manager.rows.rows_in_use == 2  # its Residual may still be written into them
+    manager._on_residual_message(residual_message(5))
+    assert manager.rows.rows_in_use == 0 and not manager.abandoned
+
+
+def test_quarantined_rows_come_back_after_the_timeout_even_on_an_idle_worker():
+    manager = decode_manager(waiting_timeout=0.1)
+    manager.staged = {5: manager.rows.alloc(2)}
+    manager.release_rows(5, residual_due=True, rows_written=True)
+    assert manager.rows.rows_in_use == 2
+    time.sleep(0.2)
+    manager.note_waiting(held=[], admitted=[])  # the prealloc queue is polled
+    assert manager.rows.rows_in_use == 0 and not manager.abandoned

@@ -37,6 +37,7 @@ class LynxConfig:
     max_speculative_tokens: int = 64
     bandwidth_mbps: Optional[float] = None  # None: the link is not paced
     staging_mb: Optional[float] = None  # None: STAGING_SHARE of the KV pool
+    verify_checksums: bool = True  # prefill writes, decode checks, a checksum of every stream of every row
     timings_file: Optional[str] = None  # per-request transfer timings, JSON lines
 
     def __post_init__(self):
@@ -112,6 +113,10 @@ class LynxConfig:
                            help="Memory for the Lynx rows of requests in flight, per worker, in MiB; "
                                 f"default: {STAGING_SHARE * 100:g}%% of the KV pool, set aside before SGLang sizes it. "
                                 "A request waits while the rows it needs are taken.")
+        group.add_argument("--lynx-verify-checksums", action=argparse.BooleanOptionalAction, default=True,
+                           help="Checksum every stream of every KV page (xxh3) on prefill and check it on decode "
+                                "before use; a damaged page fails its request. --no-lynx-verify-checksums saves "
+                                "the hashing (peak speed).")
         group.add_argument("--lynx-timings-file", default=None,
                            help="Append per-request transfer timings (JSON lines) to this file.")
 
@@ -124,6 +129,7 @@ class LynxConfig:
             max_speculative_tokens=args.lynx_max_speculative_tokens,
             bandwidth_mbps=args.lynx_bandwidth_mbps,
             staging_mb=args.lynx_staging_mb,
+            verify_checksums=args.lynx_verify_checksums,
             timings_file=args.lynx_timings_file,
         )
 

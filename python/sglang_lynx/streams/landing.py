@@ -163,6 +163,7 @@ def commit_transfer(original, queue, decode_req):
     result = original(queue, decode_req)
     if mode == "lynx" and not req.finished():
         anchored_requests(queue)[req.rid] = Anchored(manager, pages, list(rows), num_tokens, room, now)
+        manager.expect_residual(room, receiver.bootstrap_addr)
     else:
         # A lynx request that ends on its first token does not wait for its Residual.
         manager.release_rows(room, residual_due=mode == "lynx", rows_written=mode == "lynx")

@@ -117,6 +117,7 @@ class LynxKVManager(MooncakeKVManager):
             self.waiting_since: dict[int, float] = {}  # room -> when it first waited for rows
             self.staging_waits: dict[int, float] = {}  # room -> seconds it waited, until it lands
             self.residual_arrivals: dict[int, ResidualArrival] = {}
+            self.residual_sources: dict[int, str] = {}  # room -> bootstrap address of the prefill sending it
             # Rows of ended requests whose Residual may still be written into them: room -> (rows, deadline).
             self.abandoned: dict[int, tuple[np.ndarray, float]] = {}
             self.residual_landed = threading.Event()  # wakes an idle scheduler
@@ -128,10 +129,11 @@ class LynxKVManager(MooncakeKVManager):
         self.rows = StagingRows(self.lynx, pool, pool.page_size, self.lynx.staging_nbytes(pool_nbytes))
         self.engine.register(self.rows.data_ptr, self.rows.nbytes)
         logger.info("Lynx %s staging: %d rows x %d B = %.1f MiB, %.1f%% of the KV pool (%.0f MiB); "
-                    "%d tokens in flight at most; first stream %d B per row",
+                    "%d tokens in flight at most; first stream %d B per row, Residual from byte %d; rows at 0x%x",
                     self.lynx.mode, self.rows.num_rows, self.rows.row_nbytes, self.rows.nbytes / 2**20,
                     100 * self.rows.nbytes / pool_nbytes, pool_nbytes / 2**20,
-                    self.rows.num_rows * self.rows.page_size, self.rows.first_stream_nbytes)
+                    self.rows.num_rows * self.rows.page_size, self.rows.first_stream_nbytes,
+                    self.rows.residual_at, self.rows.data_ptr)
 
     def too_large(self, pages: int) -> Optional[str]:
         """Why a request of ``pages`` pages can never be staged here, if it cannot."""
@@ -422,6 +424,9 @@ class LynxKVManager(MooncakeKVManager):
     def note_waiting(self, held: list, admitted: list) -> None:
         """Decode: the rooms of the requests held in the prealloc queue for rows now, and of those
         let through (whose wait ends when they take their rows)."""
+        with self._arrivals_lock:
+            expired = self._expired_rows()
+        self.rows.free(expired)  # here too, so that they come back on a worker that sees no releases
         now = time.time()
         since = {room: self.waiting_since.get(room, now) for room in held}
         since.update((room, self.waiting_since[room]) for room in admitted if room in self.waiting_since)
@@ -438,16 +443,23 @@ class LynxKVManager(MooncakeKVManager):
         (or after SGLang's waiting timeout, should prefill never say)."""
         self.waiting_since.pop(room, None)
         self.staging_waits.pop(room, None)
+        self.residual_sources.pop(room, None)
         rows = self.staged.pop(room, NO_PAGES)
-        now = time.monotonic()
         with self._arrivals_lock:
             if residual_due and self.residual_arrivals.pop(room, None) is None:
-                self.abandoned[room] = (rows if rows_written else NO_PAGES, now + self.waiting_timeout)
+                # A second release of the same request (SGLang's, after Lynx's own) keeps what the first kept.
+                kept, _ = self.abandoned.get(room, (NO_PAGES, 0.0))
                 if rows_written:
-                    rows = NO_PAGES
-            expired = [r for r, (_, deadline) in self.abandoned.items() if deadline < now]
-            rows = np.concatenate([rows, *(self.abandoned.pop(r)[0] for r in expired)])
+                    kept, rows = np.concatenate([kept, rows]), NO_PAGES
+                self.abandoned[room] = (kept, time.monotonic() + self.waiting_timeout)
+            rows = np.concatenate([rows, self._expired_rows()])
         self.rows.free(rows)
+
+    def _expired_rows(self) -> np.ndarray:
+        """Quarantined rows whose Residual has not come within the timeout (caller holds the lock)."""
+        now = time.monotonic()
+        expired = [room for room, (_, deadline) in self.abandoned.items() if deadline < now]
+        return np.concatenate([NO_PAGES, *(self.abandoned.pop(room)[0] for room in expired)])
 
     # --- decode: arrivals ---------------------------------------------------------------------
 
@@ -461,6 +473,24 @@ class LynxKVManager(MooncakeKVManager):
             self.rows.free(abandoned[0])
             return
         self.residual_landed.set()
+
+    def expect_residual(self, room, bootstrap_addr: str) -> None:
+        """Decode: ``room`` landed on its Anchor; its Residual comes from the prefill at ``bootstrap_addr``."""
+        self.residual_sources[room] = bootstrap_addr
+
+    def _handle_node_failure(self, failed_bootstrap_addr: str):
+        """Decode: SGLang's heartbeat lost a prefill worker and fails the requests still transferring
+        from it; the Residuals it was still to send will not come either."""
+        super()._handle_node_failure(failed_bootstrap_addr)
+        lost = [room for room, addr in self.residual_sources.items() if addr == failed_bootstrap_addr]
+        with self._arrivals_lock:
+            for room in lost:
+                self.residual_arrivals.setdefault(room, ResidualArrival(
+                    f"lost the prefill worker ({failed_bootstrap_addr}) before the Residual arrived", time.time()))
+        if lost:
+            logger.error("Lynx: lost the prefill worker %s: %d requests will not get their Residual",
+                         failed_bootstrap_addr, len(lost))
+            self.residual_landed.set()
 
     def take_residual_arrival(self, room) -> Optional[ResidualArrival]:
         """The Residual of ``room`` once it has landed (or failed); else None."""

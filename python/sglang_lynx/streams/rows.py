@@ -15,7 +15,11 @@ tells prefill which of its rows each request got; prefill encodes page ``pages[i
 Each page is encoded on its own (its own scales and anchor table), so pages can be sent, landed and
 checked independently. The header names the request (bootstrap room) and the codec settings, so
 decode can tell Lynx data of this request from stale bytes or from a prefill worker with other
-settings; headers are cleared when rows go back to the free list.
+settings; headers are cleared when rows go back to the free list. With ``--lynx-verify-checksums``
+(the default) the header also carries an xxh3 checksum of each stream's bytes, which decode checks
+before the stream goes into its KV pool: a row damaged on the way fails its request instead of
+giving a different answer. Prefill's flag decides whether the sums are written, decode's whether
+they are checked.
 """
 
 from __future__ import annotations
@@ -26,15 +30,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import xxhash
 
 from sglang_lynx.codec import Codec
 from sglang_lynx.config import MODES, QUANTIZED_MODES, LynxConfig, LynxConfigError
 
 MAGIC = b"LYNX"
-VERSION = 2  # 2: 8-bit scales with a shared exponent per head (1: float16 scale and zero)
-# magic, version, mode, anchor bits, group size, valid tokens in the page, room
-HEADER = struct.Struct("<4sBBBxHH4xQ8x")
+VERSION = 3  # 3: stream checksums; 2: 8-bit scales with a shared exponent per head
+# magic, version, mode, anchor bits, flags, group size, valid tokens in the page, first stream's
+# checksum, room, Residual's checksum (checksums: the low 32 bits of xxh3-64 over the stream's bytes)
+HEADER = struct.Struct("<4sBBBBHHIQI4x")
 assert HEADER.size == 32
+CHECKSUMMED = 1  # flags: the checksums are set
 
 
 class LynxTransferError(RuntimeError):
@@ -127,14 +134,16 @@ class StagingRows:
             kv = self._gather(self._token_indices(pages, num_tokens))
         for i, row in enumerate(rows):
             n = min(self.page_size, num_tokens - i * self.page_size)
-            self.buffer[row, : HEADER.size] = _header_bytes(self.config, n, room)
-            if not self.quantized:  # raw: the pool's own bytes travel
-                continue
-            planes = self.codec.encode(kv[:, :, i * self.page_size: i * self.page_size + n])
-            meta, anchor, residual = self._planes(self.buffer[row], n)
-            meta.copy_(planes.meta)
-            anchor.copy_(planes.anchor)
-            residual.copy_(planes.residual)
+            sums = None
+            if self.quantized:  # raw: the pool's own bytes travel, the row holds only the header
+                planes = self.codec.encode(kv[:, :, i * self.page_size: i * self.page_size + n])
+                meta, anchor, residual = self._planes(self.buffer[row], n)
+                meta.copy_(planes.meta)
+                anchor.copy_(planes.anchor)
+                residual.copy_(planes.residual)
+                if self.config.verify_checksums:
+                    sums = (_checksum(meta, anchor), _checksum(residual))
+            self.buffer[row, : HEADER.size] = _header_bytes(self.config, n, room, sums)
 
     def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
         k = torch.stack([buf.index_select(0, tokens) for buf in self.k_buffers])
@@ -145,14 +154,16 @@ class StagingRows:
 
     def land(self, pages: Sequence[int], rows: Sequence[int], num_tokens: int, room: int, merged: bool) -> None:
         """Check ``rows`` and write their KV into pool ``pages`` (Anchor-only or merged)."""
-        for i, row in enumerate(rows):
-            self._check_header(row, min(self.page_size, num_tokens - i * self.page_size), room)
+        sums = [self._check_header(row, min(self.page_size, num_tokens - i * self.page_size), room)
+                for i, row in enumerate(rows)]
         if not self.quantized:
             return
         parts = []
         for i, row in enumerate(rows):
             n = min(self.page_size, num_tokens - i * self.page_size)
             meta, anchor, residual = self._planes(self.buffer[row], n)
+            if sums[i] is not None:
+                self._check_sums(row, sums[i], meta, anchor, residual, merged)
             if merged:
                 parts.append(self.codec.decode_merged(anchor, residual, meta, n, dtype=self.dtype))
             else:
@@ -163,8 +174,9 @@ class StagingRows:
             k_buf.index_copy_(0, tokens, kv[0, layer])
             v_buf.index_copy_(0, tokens, kv[1, layer])
 
-    def _check_header(self, row: int, num_tokens: int, room: int) -> None:
-        magic, version, mode, bits, group, n, got_room = HEADER.unpack(
+    def _check_header(self, row: int, num_tokens: int, room: int) -> Optional[tuple[int, int]]:
+        """Raise unless ``row`` holds this request's page; its stream checksums, if they are to be checked."""
+        magic, version, mode, bits, flags, group, n, first_sum, got_room, residual_sum = HEADER.unpack(
             self.buffer[row, : HEADER.size].cpu().numpy().tobytes())
         if magic != MAGIC or got_room != room:
             raise LynxTransferError(
@@ -179,6 +191,20 @@ class StagingRows:
                 f"anchor_bits={ours[1]} group_size={ours[2]}")
         if n != num_tokens:
             raise LynxTransferError(f"row {row} carries {n} tokens, decode expected {num_tokens}")
+        if flags & CHECKSUMMED and self.config.verify_checksums:
+            return first_sum, residual_sum
+        return None
+
+    def _check_sums(self, row: int, sums: tuple[int, int], meta, anchor, residual, merged: bool) -> None:
+        # The first stream is checked when it lands, the Residual when it is merged (int8: both at once).
+        checks = [("Anchor", sums[0], (meta, anchor))] if not merged or self.config.mode == "int8" else []
+        if merged:
+            checks.append(("Residual", sums[1], (residual,)))
+        for stream, expected, parts in checks:
+            if _checksum(*parts) != expected:
+                raise LynxTransferError(
+                    f"the {stream} of row {row} fails its checksum: the KV was damaged on its way from "
+                    f"prefill, and the request fails rather than decode on it")
 
     # --- shared -------------------------------------------------------------------------------
 
@@ -195,10 +221,20 @@ class StagingRows:
         return (pages[:, None] * self.page_size + offsets).flatten()[:num_tokens].to(self.device)
 
 
-def _header_bytes(config: LynxConfig, num_tokens: int, room: int) -> torch.Tensor:
+def _header_bytes(config: LynxConfig, num_tokens: int, room: int,
+                  sums: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    first_sum, residual_sum = sums or (0, 0)
     raw = HEADER.pack(MAGIC, VERSION, MODES.index(config.mode), config.anchor_bits,
-                      config.group_size, num_tokens, room)
+                      CHECKSUMMED if sums else 0, config.group_size, num_tokens, first_sum, room, residual_sum)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _checksum(*parts: torch.Tensor) -> int:
+    """xxh3-64 (low 32 bits) over the bytes of ``parts``, in order (host copies of device rows)."""
+    digest = xxhash.xxh3_64()
+    for part in parts:
+        digest.update(part.cpu().numpy())
+    return digest.intdigest() & 0xFFFFFFFF
 
 
 def row_runs(src_rows: Sequence[int], dst_rows: Sequence[int], src_base: int, dst_base: int,
