@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit bench-codec bench-ttft bench-speculation bench-agreement bench-serving cluster-up cluster-down clean
+.PHONY: setup demo test test-unit bench-codec bench-ttft bench-speculation bench-agreement bench-serving bench-faults bench-load cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup.sh
@@ -35,6 +35,14 @@ bench-agreement: setup
 bench-serving: setup
 	$(PY) -m sglang_lynx.bench serving --modes lynx --bandwidth-mbps 20 --num-prompts 16 --input-len 256 \
 		--output-len 32 --max-concurrency 4 --json bench-serving.json
+
+# Real faults (killed and paused workers, leaving clients, damaged bytes) on a prefill + two decode cluster.
+bench-faults: setup
+	$(PY) -m sglang_lynx.bench faults --json bench-faults.json
+
+# 200 requests of 128-4096 tokens, 16 at a time, 10% of clients leaving early; int8 then lynx.
+bench-load: setup
+	$(PY) -m sglang_lynx.bench load --modes int8,lynx --num-requests 200 --concurrency 16 --json bench-load.json
 
 cluster-up: setup
 	@bash scripts/pd_cluster.sh up

@@ -100,8 +100,7 @@ def lynx_cluster(request, model_path, reference, tmp_path_factory):
 
 def lynx_state(cluster) -> dict:
     """The decode worker's ``lynx`` section of /server_info."""
-    info = requests.get(f"{cluster.spec.decode_url}/server_info", timeout=60).json()
-    return info["internal_states"][0]["lynx"]
+    return cluster.lynx_state("decode")
 
 
 def records(timings, role: str) -> list[dict]:

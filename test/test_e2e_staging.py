@@ -13,12 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from transformers import AutoTokenizer
 
 from sglang_lynx.client import complete
-from sglang_lynx.cluster import ClusterSpec, PDCluster
+from sglang_lynx.cluster import ClusterSpec, PDCluster, settled
 from sglang_lynx.config import LynxConfig
-from sglang_lynx.data import gutenberg_text
+from sglang_lynx.data import text_windows
 
 pytestmark = pytest.mark.e2e
 
@@ -35,15 +34,9 @@ MODES = {
 answers: dict[str, list] = {}
 
 
-def hamlet(model_path, start: int, num_tokens: int) -> str:
-    """About ``num_tokens`` tokens of Hamlet (the router takes text, not token ids)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return tokenizer.decode(tokenizer(gutenberg_text("hamlet"))["input_ids"][start: start + num_tokens])
-
-
 @pytest.fixture(scope="module")
 def prompts(model_path) -> list[str]:
-    return [hamlet(model_path, 1000 * i, n) for i, n in enumerate(LENGTHS)]  # different text for each
+    return text_windows(model_path, LENGTHS)
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -55,29 +48,14 @@ def cluster(request, model_path, tmp_path_factory):
         yield request.param, pd, timings
 
 
-def lynx_state(url: str) -> dict:
-    return requests.get(f"{url}/server_info", timeout=60).json()["internal_states"][0]["lynx"]
-
-
 def all_at_once(url: str, prompts: list, **kwargs) -> list:
     with ThreadPoolExecutor(len(prompts)) as pool:
         return list(pool.map(lambda p: complete(url, p, max_tokens=MAX_TOKENS, **kwargs), prompts))
 
 
-def wait_until_idle(pd) -> tuple[dict, dict]:
-    deadline = time.time() + 60
-    while True:
-        prefill, decode = lynx_state(pd.spec.prefill_url), lynx_state(pd.spec.decode_url)
-        idle = (prefill["rows_in_use"] == decode["rows_in_use"] == 0
-                and decode["free_kv_tokens"] == decode["total_kv_tokens"] and decode.get("speculating", 0) == 0)
-        if idle or time.time() > deadline:
-            return prefill, decode
-        time.sleep(0.5)
-
-
 def test_sixteen_prompts_share_rows_for_two_and_answer_as_with_ample_staging(cluster, prompts):
     name, pd, timings = cluster
-    state = lynx_state(pd.spec.decode_url)
+    state = pd.lynx_state("decode")
     assert state["rows_in_use"] == 0
     got = all_at_once(pd.spec.router_url, prompts)
     assert all(c.finish_reason == "length" for c in got)
@@ -109,9 +87,9 @@ def test_rows_come_back_after_the_requests_and_after_aborts(cluster, prompts):
             except RuntimeError as e:  # an error status, or an error event in the stream
                 ended.append(str(e))
     assert len(ended) == len(prompts)
-    prefill, decode = wait_until_idle(pd)
-    assert prefill["rows_in_use"] == decode["rows_in_use"] == 0
-    assert decode["free_kv_tokens"] == decode["total_kv_tokens"] and decode["requests_waiting_for_rows"] == 0
+    books, _ = pd.wait_settled()
+    assert settled(books), books
+    assert pd.lynx_state("decode")["requests_waiting_for_rows"] == 0
     # and the cluster serves on
     assert complete(pd.spec.router_url, prompts[0], max_tokens=MAX_TOKENS).text == answers[name][0]
 
@@ -121,7 +99,7 @@ def test_a_prompt_larger_than_the_staging_area_gets_an_error_naming_the_flag(clu
     if name == "int8-ample":
         pytest.skip("applies to a small staging area")
     with pytest.raises(RuntimeError, match="HTTP 400.*raise --lynx-staging-mb"):
-        complete(pd.spec.router_url, hamlet(model_path, 0, 5000), max_tokens=MAX_TOKENS)
+        complete(pd.spec.router_url, text_windows(model_path, [5000])[0], max_tokens=MAX_TOKENS)
     assert complete(pd.spec.router_url, "The capital of France is", max_tokens=4).text
-    prefill, decode = wait_until_idle(pd)
-    assert prefill["rows_in_use"] == decode["rows_in_use"] == 0
+    books, _ = pd.wait_settled()
+    assert settled(books), books

@@ -16,6 +16,14 @@ import requests
 Prompt = Union[str, list]  # a completion prompt (text or token ids), or chat messages
 
 
+class RequestFailed(RuntimeError):
+    """An error status, or an error event in the stream after ``chunks`` had arrived."""
+
+    def __init__(self, message: str, status: int, chunks: list[str]):
+        super().__init__(message)
+        self.status, self.chunks = status, chunks
+
+
 @dataclasses.dataclass
 class Completion:
     text: str
@@ -55,7 +63,7 @@ def complete(base_url: str, prompt: Prompt, *, max_tokens: int = 32, stream: boo
             return Completion(text, now, now, now, choice.get("finish_reason"), [text], [now],
                               logprobs=choice.get("logprobs"), id=response.get("id"))
         chunks, times, finish, rid = [], [], None, None
-        for event in _events(url, r):
+        for event in _events(url, r, chunks):
             rid = rid or event.get("id")
             for choice in event.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
@@ -78,7 +86,7 @@ def generate(base_url: str, text: str, *, max_tokens: int = 32, temperature: flo
     with requests.post(url, json=body, stream=True, timeout=timeout) as r:
         _raise_for_status(url, r)
         chunks, times, counts, finish, rid, sent = [], [], [], None, None, 0
-        for event in _events(url, r):
+        for event in _events(url, r, chunks):
             meta = event["meta_info"]
             rid, finish = meta["id"], (meta.get("finish_reason") or {}).get("type") or finish
             if len(event["text"]) > sent:  # each event carries the whole text so far
@@ -94,7 +102,7 @@ def _streamed(chunks, times, counts, total, finish, rid) -> Completion:
     return Completion("".join(chunks), first, last, total, finish, chunks, times, counts, id=rid)
 
 
-def _events(url: str, response) -> Iterator[dict]:
+def _events(url: str, response, chunks: list[str]) -> Iterator[dict]:
     for line in response.iter_lines():
         if not line.startswith(b"data:"):
             continue
@@ -103,10 +111,13 @@ def _events(url: str, response) -> Iterator[dict]:
             return
         event = json.loads(data)
         if "error" in event:
-            raise RuntimeError(f"{url} streamed an error: {event['error']}")
+            error = event["error"]
+            status = error.get("code", 500) if isinstance(error, dict) else 500
+            raise RequestFailed(f"{url} streamed an error: {error}", status, chunks)
         yield event
 
 
 def _raise_for_status(url: str, response) -> None:
     if response.status_code != 200:
-        raise RuntimeError(f"{url} answered HTTP {response.status_code}: {response.text[:500]}")
+        raise RequestFailed(f"{url} answered HTTP {response.status_code}: {response.text[:500]}",
+                            response.status_code, [])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -25,6 +26,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional
+
+import psutil
 
 from sglang_lynx.config import LynxConfig
 
@@ -71,6 +74,8 @@ class ClusterSpec:
     decode_port: int = dataclasses.field(default_factory=free_port)
     bootstrap_port: int = dataclasses.field(default_factory=free_port)
     server_args: list[str] = dataclasses.field(default_factory=list)  # passed to both workers
+    server_env: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. SGLang's timeouts
+    decode_workers: int = 1  # more than one: "decode", "decode-2", ... behind the router
     # Prefill, decode, router and a client share the cores.
     threads_per_worker: int = max(1, (os.cpu_count() or 2) // 2)
     log_dir: Path = DEFAULT_STATE_DIR
@@ -87,6 +92,12 @@ class ClusterSpec:
     def decode_url(self) -> str:
         return f"http://{HOST}:{self.decode_port}"
 
+    @functools.cached_property
+    def decode_urls(self) -> dict[str, str]:
+        """Every decode worker's URL, by process name."""
+        more = {f"decode-{i}": f"http://{HOST}:{free_port()}" for i in range(2, self.decode_workers + 1)}
+        return {"decode": self.decode_url, **more}
+
 
 class ClusterError(RuntimeError):
     pass
@@ -95,10 +106,12 @@ class ClusterError(RuntimeError):
 class _ProcessGroup:
     """Named child processes, each in its own session; :meth:`stop` always leaves nothing running."""
 
-    def __init__(self, log_dir: Path, threads_per_process: int):
+    def __init__(self, log_dir: Path, threads_per_process: int, env: Optional[dict] = None):
         self.log_dir = log_dir
         self.threads = threads_per_process
+        self.env = dict(env or {})
         self.procs: dict[str, subprocess.Popen] = {}
+        self.cmds: dict[str, list[str]] = {}
 
     def __enter__(self):
         try:
@@ -129,11 +142,12 @@ class _ProcessGroup:
 
     def spawn(self, name: str, cmd: list[str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env["SGLANG_HOST_IP"] = HOST  # Mooncake and the bootstrap server stay on loopback
         env["OMP_NUM_THREADS"] = str(self.threads)
         env["PYTHONUNBUFFERED"] = "1"
-        with open(self.log_path(name), "w") as log:
+        self.cmds[name] = cmd
+        with open(self.log_path(name), "a") as log:  # a restarted process logs on after its first life
             self.procs[name] = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=True,
@@ -150,6 +164,29 @@ class _ProcessGroup:
                 return
             time.sleep(1)
         raise ClusterError(f"{name} did not become healthy in time:\n{self.log_tail(name)}")
+
+    # --- faults: real ones, to real processes ---------------------------------------------------
+
+    def kill(self, name: str) -> None:
+        """SIGKILL ``name`` and its children (a crash: nothing is cleaned up)."""
+        proc = self.procs.pop(name)  # gone until restarted
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def pause(self, name: str, process: Optional[str] = None) -> None:
+        """SIGSTOP ``name``'s processes (only those whose title contains ``process``, if given)."""
+        for pid in self.pids(name, process):
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self, name: str, process: Optional[str] = None) -> None:
+        for pid in self.pids(name, process):
+            os.kill(pid, signal.SIGCONT)
+
+    def pids(self, name: str, process: Optional[str] = None) -> list[int]:
+        """``name``'s process and its descendants (e.g. SGLang's ``sglang::scheduler``)."""
+        root = psutil.Process(self.procs[name].pid)
+        family = [root, *root.children(recursive=True)]
+        return [p.pid for p in family if process is None or process in " ".join(p.cmdline())]
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
@@ -178,6 +215,8 @@ def _server_cmd(model_path: str, port: int, lynx: LynxConfig, extra: list[str]) 
         cmd += ["--lynx-staging-mb", str(lynx.staging_mb)]
     if lynx.timings_file is not None:
         cmd += ["--lynx-timings-file", lynx.timings_file]
+    if not lynx.verify_checksums:
+        cmd += ["--no-lynx-verify-checksums"]
     return cmd + extra
 
 
@@ -185,27 +224,31 @@ class PDCluster(_ProcessGroup):
     """Prefill and decode workers (KV over Mooncake) behind sglang-router in PD mode."""
 
     def __init__(self, spec: ClusterSpec):
-        super().__init__(spec.log_dir, spec.threads_per_worker)
+        super().__init__(spec.log_dir, spec.threads_per_worker, spec.server_env)
         self.spec = spec
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """Every worker's URL, by process name."""
+        return {"prefill": self.spec.prefill_url, **self.spec.decode_urls}
 
     def start(self, timeout: float = 600) -> None:
         spec = self.spec
-        roles = (("prefill", spec.prefill_port, spec.lynx),
-                 ("decode", spec.decode_port, spec.decode_lynx or spec.lynx))
-        for role, port, lynx in roles:
-            extra = ["--disaggregation-mode", role, "--disaggregation-transfer-backend", "mooncake"]
-            if role == "prefill":
-                extra += ["--disaggregation-bootstrap-port", str(spec.bootstrap_port)]
-            self.spawn(role, _server_cmd(spec.model_path, port, lynx, extra + spec.server_args))
+        self.spawn("prefill", self._worker_cmd("prefill"))
+        for name in spec.decode_urls:
+            self.spawn(name, self._worker_cmd(name))
         deadline = time.monotonic() + timeout
-        self.wait_healthy("prefill", spec.prefill_url, deadline)
-        self.wait_healthy("decode", spec.decode_url, deadline)
+        for name, url in self.urls.items():
+            self.wait_healthy(name, url, deadline)
+        decodes = [arg for url in spec.decode_urls.values() for arg in ("--decode", url)]
         self.spawn("router", [
             sys.executable, "-m", "sglang_router.launch_router",
             "--pd-disaggregation",
             "--prefill", spec.prefill_url, str(spec.bootstrap_port),
-            "--decode", spec.decode_url,
+            *decodes,
+            "--decode-policy", "round_robin",  # several decode workers: each gets its share
             "--host", HOST, "--port", str(spec.router_port),
+            "--prometheus-port", str(free_port()),  # its default (29000) would clash with a second cluster
             # The defaults (a 5 s timeout) mark a worker busy with a long prefill as dead.
             "--health-check-interval-secs", "10",
             "--health-check-timeout-secs", "60",
@@ -214,6 +257,55 @@ class PDCluster(_ProcessGroup):
             "--disable-circuit-breaker",
         ])
         self.wait_healthy("router", spec.router_url, deadline)
+        self._wait_routable(deadline)
+
+    # --- what the workers hold ------------------------------------------------------------------
+
+    def lynx_state(self, name: str) -> dict:
+        """The ``lynx`` section of worker ``name``'s ``/server_info``."""
+        info = urllib.request.urlopen(f"{self.urls[name]}/server_info", timeout=30)
+        return json.load(info)["internal_states"][0]["lynx"]
+
+    def books(self) -> dict[str, Optional[dict]]:
+        """What each live worker holds now (None: it does not answer, e.g. paused)."""
+        books = {}
+        for name in self.urls:
+            if name not in self.procs:
+                continue
+            try:
+                s = self.lynx_state(name)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError, KeyError):
+                books[name] = None
+                continue
+            books[name] = {"rows_in_use": s["rows_in_use"], "kv_tokens_in_use": s["total_kv_tokens"] - s["free_kv_tokens"]}
+            for key in ("residuals_in_flight", "speculating", "paused"):  # prefill's, decode's
+                if key in s:
+                    books[name][key] = s[key]
+        return books
+
+    def wait_settled(self, timeout: float = 60) -> tuple[dict, float]:
+        """Wait until no live worker holds anything; the books then (or at the timeout), and the wait."""
+        start = time.monotonic()
+        while True:
+            books = self.books()
+            if settled(books) or time.monotonic() - start > timeout:
+                return books, time.monotonic() - start
+            time.sleep(0.5)
+
+    def _worker_cmd(self, name: str) -> list[str]:
+        spec, role = self.spec, "prefill" if name == "prefill" else "decode"
+        port = int(self.urls[name].rsplit(":", 1)[1])
+        extra = ["--disaggregation-mode", role, "--disaggregation-transfer-backend", "mooncake"]
+        if role == "prefill":
+            extra += ["--disaggregation-bootstrap-port", str(spec.bootstrap_port)]
+        lynx = spec.lynx if role == "prefill" else spec.decode_lynx or spec.lynx
+        return _server_cmd(spec.model_path, port, lynx, extra + spec.server_args)
+
+    def restart(self, name: str, timeout: float = 600) -> None:
+        """Start a killed worker again, as before, and wait until the router routes requests again."""
+        self.spawn(name, self.cmds[name])
+        deadline = time.monotonic() + timeout
+        self.wait_healthy(name, self.urls[name], deadline)
         self._wait_routable(deadline)
 
     def _wait_routable(self, deadline: float) -> None:
@@ -232,7 +324,7 @@ class PDCluster(_ProcessGroup):
                     return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
-            for name in ("prefill", "decode", "router"):
+            for name in self.procs:
                 if self.procs[name].poll() is not None:
                     raise ClusterError(f"{name} exited with code {self.procs[name].returncode}:\n"
                                        f"{self.log_tail(name)}")
@@ -256,6 +348,11 @@ class SingleServer(_ProcessGroup):
     def start(self, timeout: float = 600) -> None:
         self.spawn("single", _server_cmd(self.model_path, self.port, LynxConfig(), self.server_args))
         self.wait_healthy("single", self.url, time.monotonic() + timeout)
+
+
+def settled(books: dict) -> bool:
+    """Every worker in ``books`` answers and holds no KV, no Lynx row, no speculation."""
+    return all(b is not None and not any(b.values()) for b in books.values())
 
 
 def _http_ok(url: str) -> bool:

@@ -72,6 +72,20 @@ def gutenberg_text(name: str = "hamlet", cache_dir: Path | None = None) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+def text_windows(model_path, lengths: list[int], text: str = "hamlet") -> list[str]:
+    """Windows of the text, ``lengths[i]`` tokens each and each starting elsewhere (no prefix-cache
+    hits between them), as text: the router's OpenAI API takes no token ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = tokenizer(gutenberg_text(text)).input_ids
+    room = len(ids) - max(lengths)
+    if room < len(lengths):
+        raise ValueError(f"{text} has too few tokens for {len(lengths)} windows of up to {max(lengths)}")
+    stride = room // len(lengths)
+    return [tokenizer.decode(ids[i * stride: i * stride + n]) for i, n in enumerate(lengths)]
+
+
 def prefill_kv(model_path, text: str, num_tokens: int) -> "torch.Tensor":
     """The KV cache of the first num_tokens tokens of text: float32 [2, L, T, H, D] (K after RoPE, as
     SGLang's pool holds it), computed on the CPU by one Hugging Face forward pass."""

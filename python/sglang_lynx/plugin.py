@@ -12,6 +12,9 @@ target                                                             hook    what 
                                                                            parser
 ``server_args.ServerArgs.from_cli_args``                           AROUND  read them into a checked
                                                                            LynxConfig for every process
+``TokenizerManager.generate_request``                              BEFORE  a Lynx worker refuses with a
+                                                                           400 what SGLang's PD path
+                                                                           cannot serve (``admission``)
 =================================================================  ======  ============================
 
 With ``--lynx-mode off`` nothing else is registered. In every other mode, the streams:
@@ -59,9 +62,11 @@ and in ``lynx`` mode, speculation (``sglang_lynx.speculation.hooks``):
 =================================================================  ======  ============================
 """
 
+import functools
 import logging
 import sys
 
+from sglang_lynx import admission
 from sglang_lynx.compat import cpu
 from sglang_lynx.config import LynxConfig, LynxConfigError
 
@@ -89,6 +94,8 @@ def flag_hooks() -> list:
     return [
         ("sglang.srt.server_args.ServerArgs.add_cli_args", _add_lynx_flags, HookType.AFTER),
         ("sglang.srt.server_args.ServerArgs.from_cli_args", _read_lynx_flags, HookType.AROUND),
+        # The HTTP process registers its hooks before it parses the flags: this one looks at them per call.
+        (f"{MANAGERS}.tokenizer_manager.TokenizerManager.generate_request", _refuse_unservable, HookType.BEFORE),
     ]
 
 
@@ -162,6 +169,24 @@ def _read_lynx_flags(original, cls, args):
     return server_args
 
 
+def _refuse_unservable(manager, obj, *args, **kwargs):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    if isinstance(obj, GenerateReqInput) and _lynx_worker(manager.server_args):
+        reason = admission.refusal(obj, manager.model_config.vocab_size)
+        if reason is not None:
+            raise ValueError(reason)  # SGLang answers it with HTTP 400
+
+
+def _lynx_worker(server_args) -> bool:
+    return server_args.disaggregation_mode in ("prefill", "decode") and _parsed_config().enabled
+
+
+@functools.cache
+def _parsed_config() -> LynxConfig:
+    return LynxConfig.from_env()  # set by _read_lynx_flags, before the first request
+
+
 def _lynx_kv_class(original, transfer_backend, class_type):
     from sglang.srt.disaggregation.utils import KVClassType, TransferBackend
 
@@ -214,18 +239,21 @@ def _report_lynx_state(result, controller, *args, **kwargs):
     scheduler = controller.scheduler
     prefill = _lynx_manager(_prefill_manager(scheduler))
     decode = _lynx_manager(_decode_manager(scheduler))
-    state = {"mode": (prefill or decode).lynx.mode} if (prefill or decode) else {}
+    if prefill is None and decode is None:
+        return result
+    # Pages the radix cache keeps only for reuse count as free: it gives them up on demand.
+    free_kv = scheduler.token_to_kv_pool_allocator.available_size() + scheduler.tree_cache.evictable_size()
+    state = {"mode": (prefill or decode).lynx.mode, "free_kv_tokens": free_kv,
+             "total_kv_tokens": scheduler.max_total_num_tokens}
     if prefill is not None:
         state.update(residuals_in_flight=len(prefill.residual_plans),
                      deferred_releases=len(prefill.deferred_releases), rows_in_use=prefill.rows.rows_in_use,
                      rows_total=prefill.rows.num_rows, chunks_waiting_for_rows=len(prefill.waiting_chunks))
     if decode is not None:
-        allocator = scheduler.token_to_kv_pool_allocator
         queued_rooms = {entry.req.bootstrap_room for entry in scheduler.disagg_decode_prealloc_queue.queue}
         state.update(rows_in_use=decode.rows.rows_in_use, rows_total=decode.rows.num_rows,
                      requests_waiting_for_rows=len(decode.waiting_since.keys() & queued_rooms),
-                     free_kv_tokens=allocator.available_size(),
-                     total_kv_tokens=scheduler.max_total_num_tokens, **speculation_state())
+                     **speculation_state())
     result.internal_state["lynx"] = state
     return result
 

@@ -29,7 +29,7 @@ from sglang_lynx.bench import write_json
 from sglang_lynx.client import generate
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import MODES, LynxConfig
-from sglang_lynx.data import gutenberg_text
+from sglang_lynx.data import text_windows
 from sglang_lynx.models import smollm2
 
 
@@ -78,17 +78,12 @@ def check_context(model_path: str, input_lens: list[int], output_len: int) -> No
 
 
 def make_prompts(model_path: str, text: str, input_len: int, num_prompts: int) -> list[str]:
-    """Distinct windows of ``input_len`` tokens of the text (distinct: no prefix-cache hits), as text:
-    the router's OpenAI API takes no token ids. The servers record the token count they saw."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    ids = tokenizer(gutenberg_text(text)).input_ids
-    stride = max(input_len, (len(ids) - input_len) // max(num_prompts, 1))
-    windows = [ids[i * stride: i * stride + input_len] for i in range(num_prompts)]
-    if len(windows[-1]) < input_len:
-        raise SystemExit(f"the text has too few tokens for {num_prompts} prompts of {input_len}")
-    return [tokenizer.decode(w) for w in windows]
+    """Distinct windows of ``input_len`` tokens of the text (distinct: no prefix-cache hits), as text.
+    The servers record the token count they saw."""
+    try:
+        return text_windows(model_path, [input_len] * num_prompts, text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def run_cluster(mode: str, bandwidth: float, args, model_path: str, prompts: dict, progress: tqdm,

@@ -44,6 +44,9 @@ SERVER_ARG_DEFAULTS = {
     "sleep_on_idle": True,
     "max_total_tokens": 65536,  # room for 8 full-context requests; the staging area is 5% of it
     "disable_overlap_schedule": True,
+    # The default ("host_pool") sizes a HiCache host pool beside a pool that already is in host memory,
+    # and refuses to start a decode worker when less than 10 GiB of RAM is free (a second decode worker).
+    "disaggregation_decode_retraction_backup": "cpu_tensor",
 }
 
 
