@@ -1,8 +1,8 @@
 """The staging area end to end: rows for about two long prompts, sixteen prompts of mixed lengths at once.
 
 Requests the rows cannot hold yet wait (decode keeps them in SGLang's prealloc queue; prefill keeps
-their encode), oldest first, and then answer exactly as with ample staging. Nothing fails for lack of
-rows, nothing is left held afterwards, aborted requests included, and a prompt larger than the whole
+their encode), oldest first, and then answer exactly as a request alone does (and ``lynx`` as ``int8``).
+Nothing fails for lack of rows, nothing is left held afterwards, aborted requests included, and a prompt larger than the whole
 area gets a clear error that names the flag.
 """
 
@@ -24,12 +24,11 @@ pytestmark = pytest.mark.e2e
 LENGTHS = random.Random(0).sample([256 + (2048 - 256) * i // 15 for i in range(16)], 16)
 MAX_TOKENS = 8
 STAGING_MB = 48  # 65 rows of a 64-token page (774 kB each here): two 2048-token prompts
-AMPLE_MB = 400  # every prompt at once
-MODES = {
-    "int8-ample": LynxConfig(mode="int8", staging_mb=AMPLE_MB),
+MODES = {  # int8 first: lynx answers as it does
     "int8": LynxConfig(mode="int8", staging_mb=STAGING_MB),
     "lynx": LynxConfig(mode="lynx", staging_mb=STAGING_MB, bandwidth_mbps=400),
 }
+ALONE = 3  # prompts int8 also answers one at a time, with every row free
 
 answers: dict[str, list] = {}
 
@@ -53,18 +52,19 @@ def all_at_once(url: str, prompts: list, **kwargs) -> list:
         return list(pool.map(lambda p: complete(url, p, max_tokens=MAX_TOKENS, **kwargs), prompts))
 
 
-def test_sixteen_prompts_share_rows_for_two_and_answer_as_with_ample_staging(cluster, prompts):
+def test_sixteen_prompts_share_rows_for_two_and_answer_as_with_every_row_free(cluster, prompts):
     name, pd, timings = cluster
     state = pd.lynx_state("decode")
     assert state["rows_in_use"] == 0
+    assert state["rows_total"] * 64 <= 2 * max(LENGTHS) + 128  # about two of the longest prompts
     got = all_at_once(pd.spec.router_url, prompts)
     assert all(c.finish_reason == "length" for c in got)
     answers[name] = [c.text for c in got]
-    if name == "int8-ample":
-        assert state["rows_total"] * 64 >= sum(LENGTHS)
-        return
-    assert state["rows_total"] * 64 <= 2 * max(LENGTHS) + 128  # about two of the longest prompts
-    assert answers[name] == answers["int8-ample"]
+    if name == "int8":
+        alone = [complete(pd.spec.router_url, p, max_tokens=MAX_TOKENS).text for p in prompts[:ALONE]]
+        assert answers[name][:ALONE] == alone
+    else:
+        assert answers[name] == answers["int8"]
     rids = {c.id for c in got}
     waits = [r["staging_wait_s"] for r in map(json.loads, timings.read_text().splitlines())
              if r["role"] == "decode" and r.get("rid") in rids]
@@ -96,8 +96,6 @@ def test_rows_come_back_after_the_requests_and_after_aborts(cluster, prompts):
 
 def test_a_prompt_larger_than_the_staging_area_gets_an_error_naming_the_flag(cluster, model_path):
     name, pd, _ = cluster
-    if name == "int8-ample":
-        pytest.skip("applies to a small staging area")
     with pytest.raises(RuntimeError, match="HTTP 400.*raise --lynx-staging-mb"):
         complete(pd.spec.router_url, text_windows(model_path, [5000])[0], max_tokens=MAX_TOKENS)
     assert complete(pd.spec.router_url, "The capital of France is", max_tokens=4).text

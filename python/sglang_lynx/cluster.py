@@ -146,8 +146,9 @@ class _ProcessGroup:
         env["SGLANG_HOST_IP"] = HOST  # Mooncake and the bootstrap server stay on loopback
         env["OMP_NUM_THREADS"] = str(self.threads)
         env["PYTHONUNBUFFERED"] = "1"
+        restarted = name in self.cmds  # its log goes on after its first life
         self.cmds[name] = cmd
-        with open(self.log_path(name), "a") as log:  # a restarted process logs on after its first life
+        with open(self.log_path(name), "a" if restarted else "w") as log:
             self.procs[name] = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=True,

@@ -8,8 +8,8 @@ lengths log-uniform between the bounds, each a different window of Hamlet, strea
 router's OpenAI API, ``--concurrency`` at a time; ``--disconnect-share`` of the clients close their
 connection early (half before the first token, half right after it). Reported per mode: requests that
 failed among those that stayed (must be 0), throughput, p50/p99 TTFT, and the workers' books before and
-after (RSS, KV tokens in use, Lynx rows in use: back to their baseline). Before the first mode's load,
-a sample of prompts is answered one at a time by the first mode (``int8``): every mode's greedy
+after (RSS, KV tokens in use, Lynx rows in use: back to their baseline). After the first mode's load,
+a sample of prompts is answered again one at a time by that mode (``int8``): every mode's greedy
 answers to them under load must equal those.
 """
 
@@ -29,11 +29,11 @@ import psutil
 import requests
 from tqdm import tqdm
 
-from sglang_lynx.bench import write_json
+from sglang_lynx.bench import parse_modes, write_json
 from sglang_lynx.bench.faults import Disconnect
 from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster, settled
-from sglang_lynx.config import MODES, LynxConfig
+from sglang_lynx.config import LynxConfig
 from sglang_lynx.data import text_windows
 from sglang_lynx.models import smollm2
 
@@ -128,13 +128,13 @@ def run_mode(mode: str, args, model_path: str, prompts: list[str], lengths: list
                        lynx=LynxConfig(mode=mode, bandwidth_mbps=args.bandwidth_mbps))
     print(f"\n=== {mode}: starting prefill, decode and router ...", flush=True)
     with PDCluster(spec) as pd:
-        if not reference:  # the first mode answers the sample one request at a time
-            for i in tqdm(sample, desc=f"{mode} sequential sample"):
-                reference[i] = complete(spec.router_url, prompts[i], max_tokens=args.output_len,
-                                        ignore_eos=True).text
         before = worker_books(pd)
         results, wall_s = load(pd, prompts, leaving, args, mode)
         after = worker_books(pd)
+        if not reference:  # after its load, whose prompts it would otherwise find in its prefix cache
+            for i in tqdm(sample, desc=f"{mode} sequential sample"):
+                reference[i] = complete(spec.router_url, prompts[i], max_tokens=args.output_len,
+                                        ignore_eos=True).text
     stayed = [r for r in results if r["ok"] is not None]
     done = [r for r in stayed if r["ok"]]
     ttfts = [r["ttft_s"] * 1000 for r in done]
@@ -156,10 +156,7 @@ def run_mode(mode: str, args, model_path: str, prompts: list[str], lengths: list
 
 
 def run(args: argparse.Namespace) -> dict:
-    modes = args.modes.split(",")
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        sys.exit(f"bench load: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    modes = parse_modes(args.modes, "load")
     model_path = str(args.model_path or smollm2())
     lengths, leaving, sample = workload(args)
     prompts = text_windows(model_path, lengths)

@@ -18,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sglang_lynx.bench import write_json
+from sglang_lynx.bench import parse_modes, write_json
 from sglang_lynx.cluster import ClusterSpec, PDCluster
-from sglang_lynx.config import MODES, LynxConfig
+from sglang_lynx.config import LynxConfig
 from sglang_lynx.models import smollm2
 
 
@@ -63,10 +63,7 @@ def run_mode(mode: str, args, model_path: str, tmp: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    modes = args.modes.split(",")
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        sys.exit(f"bench serving: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    modes = parse_modes(args.modes, "serving")
     model_path = str(args.model_path or smollm2())
     with tempfile.TemporaryDirectory(prefix="lynx-serving-") as tmp:
         report = {"modes": {mode: run_mode(mode, args, model_path, Path(tmp)) for mode in modes},

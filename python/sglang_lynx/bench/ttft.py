@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_lynx.bench import write_json
+from sglang_lynx.bench import parse_modes, write_json
 from sglang_lynx.client import generate
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import MODES, LynxConfig
@@ -166,10 +166,7 @@ def speculation_summary(requests: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES or m == "off"]
-    if unknown:
-        raise SystemExit(f"--modes: unknown or unpaced mode(s) {unknown}; choose from raw, int8, int4, lynx")
+    modes = parse_modes(args.modes, "ttft", allowed=[m for m in MODES if m != "off"])  # off: unpaced
     model_path = str(args.model_path or smollm2())
     check_context(model_path, args.input_len, args.output_len)
     prompts = {n: make_prompts(model_path, args.text, n, args.num_prompts) for n in args.input_len}
