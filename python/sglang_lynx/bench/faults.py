@@ -233,14 +233,15 @@ def disconnects(n: int) -> list[Request]:
 
 
 def corrupted(n: int) -> list[Request]:
-    return [Request(0, stream=True)]  # one request: it takes row 0
+    return [Request(0, stream=True)]  # one request: the first row encoded is its own
 
 
 LOST_PREFILL = r"(?i)prefill|connection|unavailable|another rank|aborted"
 SCENARIOS = [
     Scenario("client-disconnects", "clients close their connections: before the first token, while the request "
              "speculates (after the first token), after verification; streaming and not",
-             "the others answer correctly; the workers free everything", 120, disconnects, lambda pd, ctx: None),
+             "the others answer correctly; the workers free everything", 120, disconnects,
+             strike=lambda pd, ctx: None),
     Scenario("corrupt-anchor", "bytes of a row's Anchor flipped after prefill checksummed them",
              "the request fails with a checksum error, never a different answer", 60, corrupted, corrupt("Anchor"),
              error_pattern="checksum"),
@@ -251,15 +252,17 @@ SCENARIOS = [
              "longer than decode waits for KV, then resumed", "requests in flight fail with a timeout (or answer); "
              "the cluster serves again", WAITING_TIMEOUT_S + 90, mixed, stall_link,
              error_pattern=r"(?i)time|within|arrive"),
-    Scenario("prefill-killed-anchor", "prefill SIGKILLed while Anchors stream", "every request fails naming the lost "
-             "prefill; the restarted prefill serves", 60, mixed, kill_prefill_when(anchors_streaming),
-             restart_prefill, LOST_PREFILL),
+    Scenario("prefill-killed-anchor", "prefill SIGKILLed while Anchors stream", "each request answers correctly or fails "
+             "naming the lost prefill; the restarted prefill serves", 60, mixed, kill_prefill_when(anchors_streaming),
+             recover=restart_prefill, error_pattern=LOST_PREFILL),
     Scenario("prefill-killed-residual", "prefill SIGKILLed as the first Anchor lands, Residuals streaming",
-             "every request fails naming the lost prefill (the speculating ones after their first token)", 60, mixed,
-             kill_prefill_when(residuals_streaming), restart_prefill, LOST_PREFILL),
+             "each request answers correctly or fails naming the lost prefill (one speculating after its first "
+             "token)", 60, mixed, kill_prefill_when(residuals_streaming), recover=restart_prefill,
+             error_pattern=LOST_PREFILL),
     Scenario("prefill-killed-speculating", "prefill SIGKILLed while decode speculates at its cap, waiting for "
              "Residuals", "as above", 60, mixed,
-             kill_prefill_when(at_cap), restart_prefill, LOST_PREFILL),
+             kill_prefill_when(at_cap), recover=restart_prefill,
+             error_pattern=LOST_PREFILL),
     # Last: the killed decode worker stays down.
     Scenario("decode-killed", "one of two decode workers SIGKILLed while prefill sends to both",
              "its requests fail; the other decode's answer correctly; prefill frees every page and row of the "
