@@ -62,3 +62,28 @@ def test_benchmark_writes_the_issue_s_json(smollm2_path, tmp_path):
     assert set(r["throughput_gbps"]) >= {"quantize_split", "dequant_anchor", "merge_dequant", "copy"}
     assert r["merge_exact"] is True and r["device"].startswith("cpu")
     assert r["grouping"]["candidates"]["64x1"]["int8"] == r["vnmse"]["int8"]
+
+
+def test_margin_shift_measures_how_far_the_anchor_moves_int8_s_top_two_gap():
+    from sglang_lynx.bench.acceptance import margin_shift
+
+    exact = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.5]])
+    anchor = torch.tensor([[2.5, 1.5, 9.0], [0.0, 1.0, 1.5]])  # row 0: token 2 overtakes; row 1: 1 and 2 swap
+    gap, shift, flipped = margin_shift(exact, anchor)
+    assert gap.tolist() == [2.0, 0.5]
+    assert shift.tolist() == [1.0, 1.0]  # gaps of the same pair: 2.0 -> 1.0 and 0.5 -> -0.5
+    assert flipped.tolist() == [True, True]
+    assert margin_shift(exact, exact)[2].tolist() == [False, False]
+
+
+def test_acceptance_benchmark_reports_kept_tokens_and_flip_rates(smollm2_path, tmp_path):
+    from sglang_lynx.bench.__main__ import main
+
+    out = tmp_path / "acceptance.json"
+    main(["acceptance", "--anchor-bits", "6,3", "--input-len", "64", "--output-len", "8", "--num-prompts", "1",
+          "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["int8_gap_median"] > 0
+    for r in report["variants"].values():
+        assert all(0 <= k <= 7 for k in r["kept"]) and 0 <= r["accept_rate"] <= 1
+        assert 0 <= r["flip_rate"] <= 1 and r["margin_shift_median"] >= 0

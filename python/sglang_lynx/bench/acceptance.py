@@ -9,6 +9,12 @@ Anchor-only KV (what ``lynx`` speculates on). The number of leading tokens on wh
 what verification would keep of a speculation of that length: acceptance is its mean over the
 speculated tokens. ``--split`` also anchors only the keys, or only the values, at the first anchor
 width, to tell which the model is sensitive to.
+
+Why a speculation ends is measured too, token by token: one teacher-forced pass over INT8's greedy
+tokens, on each KV, gives at every position INT8's top-2 logit gap and how far the Anchor moves it
+(the *margin shift*); a position *flips* where the Anchor's argmax differs from INT8's. A speculation
+survives n tokens only if none of them flips, about (1 - f)**n of the time at a flip rate f: the
+rate says whether a model suits a given Anchor width.
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [ids[i * stride: i * stride + args.input_len] for i in range(args.num_prompts)]
     cases = variants(widths, args.split)
     kept = {name: [] for name in cases}
+    shifts = {name: [] for name in cases}  # per position: how far the Anchor moves INT8's top-2 gap
+    flips = {name: [] for name in cases}
+    gaps = []  # per position: INT8's top-2 gap
     with torch.inference_mode(), tqdm(total=len(prompts) * len(cases), desc="bench acceptance") as progress:
         for prompt in prompts:
             out = model(torch.tensor([prompt]), use_cache=True)
@@ -68,39 +77,71 @@ def run(args: argparse.Namespace) -> dict:
                               torch.stack([layer.values[0] for layer in out.past_key_values.layers])])
             kv = kv.transpose(2, 3).contiguous()  # [2, L, T, H, D]
             first = int(out.logits[0, -1].argmax())
+            reference = exact_logits = None
             for name, (bits, anchor_k, anchor_v) in cases.items():
                 codec = Codec(kv.shape[1], kv.shape[3], kv.shape[4], anchor_bits=bits)
                 planes = codec.encode(kv)
                 exact = codec.decode_merged(planes.anchor, planes.residual, planes.meta, kv.shape[2])
                 anchor = codec.decode_anchor(planes.anchor, planes.meta, kv.shape[2])
                 anchor = torch.stack([anchor[0] if anchor_k else exact[0], anchor[1] if anchor_v else exact[1]])
-                reference = greedy(model, exact, first, args.output_len)
+                if reference is None:  # INT8 codes do not depend on the Anchor width
+                    reference = greedy(model, exact, first, args.output_len)
+                    exact_logits = forced_logits(model, exact, reference)
                 draft = greedy(model, anchor, first, args.output_len)
                 kept[name].append(next((j for j in range(1, len(draft)) if draft[j] != reference[j]), len(draft)) - 1)
+                gap, shift, flipped = margin_shift(exact_logits, forced_logits(model, anchor, reference))
+                shifts[name] += shift.tolist()
+                flips[name] += flipped.tolist()
                 progress.update()
+            gaps += gap.tolist()  # the same for every variant
     speculated = args.output_len - 1
     report = {"input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
-              "text": args.text,
+              "text": args.text, "int8_gap_median": statistics.median(gaps),
               "variants": {name: {"kept": k, "accepted_mean": statistics.mean(k),
-                                  "accept_rate": statistics.mean(k) / speculated} for name, k in kept.items()}}
+                                  "accept_rate": statistics.mean(k) / speculated,
+                                  "flip_rate": statistics.mean(flips[name]),
+                                  "margin_shift_median": statistics.median(shifts[name])}
+                           for name, k in kept.items()}}
     print(f"\n{args.num_prompts} windows of {args.text}, {args.input_len} tokens; greedy, {speculated} tokens "
-          f"after the exact first one")
+          f"after the exact first one; INT8's top-2 logit gap: median {report['int8_gap_median']:.3f}")
     for name, r in report["variants"].items():
         print(f"{name:<16} kept {r['accepted_mean']:5.1f} of {speculated}  (acceptance {r['accept_rate']:.2f})  "
+              f"flip rate {r['flip_rate']:.3f}  margin shift {r['margin_shift_median']:.3f}  "
               f"per prompt {r['kept']}")
     write_json(args.json, report)
     return report
 
 
-def greedy(model, kv: torch.Tensor, first: int, num_tokens: int) -> list[int]:
-    """Greedy tokens after a prompt whose KV cache is ``kv`` [2, L, T, H, D], starting from ``first``."""
+def cache_of(kv: torch.Tensor):
+    """A transformers cache holding ``kv`` [2, L, T, H, D] (a copy: decoding appends to it)."""
     from transformers.cache_utils import DynamicCache
 
     cache = DynamicCache()
     for layer in range(kv.shape[1]):  # the cache holds [batch, heads, tokens, dim]
         cache.update(kv[0, layer].transpose(0, 1)[None].clone(), kv[1, layer].transpose(0, 1)[None].clone(), layer)
+    return cache
+
+
+def greedy(model, kv: torch.Tensor, first: int, num_tokens: int) -> list[int]:
+    """Greedy tokens after a prompt whose KV cache is ``kv`` [2, L, T, H, D], starting from ``first``."""
+    cache = cache_of(kv)
     tokens = [first]
     for _ in range(num_tokens - 1):
         logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits
         tokens.append(int(logits[0, -1].argmax()))
     return tokens
+
+
+def forced_logits(model, kv: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Logits [len(tokens) - 1, V] predicting tokens[1:] after ``kv``, all positions in one pass."""
+    return model(torch.tensor([tokens[:-1]]), past_key_values=cache_of(kv), use_cache=True).logits[0]
+
+
+def margin_shift(exact: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position of two logit tensors [N, V]: exact's top-2 gap, how much ``anchor`` changes that
+    same pair's gap (absolute), and whether anchor's argmax differs from exact's."""
+    top2 = exact.topk(2, dim=-1)
+    gap = top2.values[:, 0] - top2.values[:, 1]
+    pair = anchor.gather(-1, top2.indices)
+    shift = (pair[:, 0] - pair[:, 1] - gap).abs()
+    return gap, shift, anchor.argmax(-1) != top2.indices[:, 0]
