@@ -9,6 +9,9 @@ from sglang_lynx.cluster import SingleServer  # noqa: E402
 from sglang_lynx.models import smollm2  # noqa: E402
 
 MAX_TOKENS = 24
+# Half the CPU default pool: no test puts a full-context prompt in flight, and a worker zeroing a
+# 65,536-token fp32 pool takes about 25 s longer to start on this machine.
+POOL_ARGS = ["--max-total-tokens", "32768"]
 PROMPTS = {
     "capital": "The capital of France is",
     "story": "Once upon a time, in a small village by the sea,",
@@ -31,6 +34,6 @@ def model_path() -> str:
 @pytest.fixture(scope="session")
 def reference(model_path, tmp_path_factory):
     """Greedy answers of one ordinary SGLang server (stopped before any PD pair starts: memory)."""
-    with SingleServer(model_path, log_dir=tmp_path_factory.mktemp("single")) as server:
+    with SingleServer(model_path, log_dir=tmp_path_factory.mktemp("single"), server_args=POOL_ARGS) as server:
         return {name: complete(server.url, prompt, max_tokens=MAX_TOKENS).text
                 for name, prompt in PROMPTS.items()}

@@ -21,7 +21,7 @@ from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import LynxConfig
 
-from conftest import MAX_TOKENS, PROMPTS
+from conftest import MAX_TOKENS, POOL_ARGS, PROMPTS
 
 pytestmark = pytest.mark.e2e
 
@@ -92,7 +92,7 @@ def lynx_cluster(request, model_path, reference, tmp_path_factory):
     config = MODES[request.param]
     lynx = LynxConfig(**{**config.__dict__, "timings_file": str(timings)})
     spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir,
-                       server_args=SERVER_ARGS.get(request.param, []))
+                       server_args=POOL_ARGS + SERVER_ARGS.get(request.param, []))
     with PDCluster(spec) as cluster:
         answers[request.param] = {"started": lynx_state(cluster)}
         yield request.param, cluster, timings

@@ -9,13 +9,16 @@ import requests
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import LynxConfig
 
+from conftest import POOL_ARGS
+
 pytestmark = pytest.mark.e2e
 
 
 def test_workers_with_different_lynx_settings_fail_the_request_clearly_and_keep_serving(
         model_path, reference, tmp_path_factory):
     spec = ClusterSpec(model_path=model_path, lynx=LynxConfig(mode="lynx"),
-                       decode_lynx=LynxConfig(mode="int8"), log_dir=tmp_path_factory.mktemp("mismatch"))
+                       decode_lynx=LynxConfig(mode="int8"), log_dir=tmp_path_factory.mktemp("mismatch"),
+                       server_args=POOL_ARGS)
     with PDCluster(spec):
         for _ in range(2):
             r = requests.post(f"{spec.router_url}/v1/completions", timeout=120,

@@ -12,7 +12,7 @@ import requests
 from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 
-from conftest import MAX_TOKENS, PROMPTS
+from conftest import MAX_TOKENS, POOL_ARGS, PROMPTS
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def cluster(model_path, reference, tmp_path_factory):
-    spec = ClusterSpec(model_path=model_path, log_dir=tmp_path_factory.mktemp("pd"))
+    spec = ClusterSpec(model_path=model_path, log_dir=tmp_path_factory.mktemp("pd"), server_args=POOL_ARGS)
     with PDCluster(spec) as cluster:
         yield cluster
 

@@ -19,6 +19,8 @@ from sglang_lynx.cluster import ClusterSpec, PDCluster, settled
 from sglang_lynx.config import LynxConfig
 from sglang_lynx.data import text_windows
 
+from conftest import POOL_ARGS
+
 pytestmark = pytest.mark.e2e
 
 LENGTHS = random.Random(0).sample([256 + (2048 - 256) * i // 15 for i in range(16)], 16)
@@ -43,7 +45,7 @@ def cluster(request, model_path, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp(request.param)
     timings = log_dir / "timings.jsonl"
     lynx = LynxConfig(**{**MODES[request.param].__dict__, "timings_file": str(timings)})
-    with PDCluster(ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir)) as pd:
+    with PDCluster(ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir, server_args=POOL_ARGS)) as pd:
         yield request.param, pd, timings
 
 

