@@ -94,13 +94,8 @@ def lynx_cluster(request, model_path, reference, tmp_path_factory):
     spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir,
                        server_args=POOL_ARGS + SERVER_ARGS.get(request.param, []))
     with PDCluster(spec) as cluster:
-        answers[request.param] = {"started": lynx_state(cluster)}
+        answers[request.param] = {"started": cluster.lynx_state("decode")}
         yield request.param, cluster, timings
-
-
-def lynx_state(cluster) -> dict:
-    """The decode worker's ``lynx`` section of /server_info."""
-    return cluster.lynx_state("decode")
 
 
 def records(timings, role: str) -> list[dict]:
@@ -305,7 +300,7 @@ def test_a_request_aborted_mid_speculation_shows_nothing_unverified_and_frees_it
         events = (json.loads(line[5:]) for line in r.iter_lines()
                   if line.startswith(b"data:") and line != b"data: [DONE]")
         first = next(events)
-        assert lynx_state(cluster)["speculating"] == 1, "the abort comes while the request speculates"
+        assert cluster.lynx_state("decode")["speculating"] == 1, "the abort comes while the request speculates"
         requests.post(f"{cluster.spec.decode_url}/abort_request", json={"rid": first["id"]}, timeout=60)
         rest = list(events)
     shown = first["choices"][0]["text"] + "".join(e["choices"][0]["text"] for e in rest if e.get("choices"))
@@ -321,7 +316,7 @@ def test_speculation_counters_are_exported_with_sglang_s_prometheus_metrics(lynx
     text = requests.get(f"{cluster.spec.decode_url}/metrics", timeout=60).text
     counter = lambda name: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                                if line.startswith(f"sglang:lynx_{name}_total"))
-    state = lynx_state(cluster)
+    state = cluster.lynx_state("decode")
     assert counter("speculated_tokens") == state["speculated_tokens"] > 0
     assert counter("accepted_tokens") == state["accepted_tokens"] > 0
     assert counter("verify_passes") == state["verify_passes"] > 0
@@ -344,13 +339,8 @@ def test_sglang_s_own_load_generator_runs_against_the_router(lynx_cluster, model
 def test_nothing_is_left_held_after_the_requests(lynx_cluster):
     """Decode's KV slots and Lynx rows are back at their starting count, aborts included."""
     mode, cluster, _ = lynx_cluster
-    started, deadline = answers[mode]["started"], time.time() + 60
-    while True:
-        state = lynx_state(cluster)
-        settled = (state["free_kv_tokens"] == started["free_kv_tokens"] and state["rows_in_use"] == 0
-                   and state.get("speculating", 0) == 0)
-        if settled or time.time() > deadline:
-            break
-        time.sleep(0.5)
+    started = answers[mode]["started"]
+    cluster.wait_settled(timeout=60)
+    state = cluster.lynx_state("decode")
     assert state["free_kv_tokens"] == started["free_kv_tokens"] == started["total_kv_tokens"]
     assert state["rows_in_use"] == 0 and state.get("speculating", 0) == 0

@@ -17,11 +17,11 @@ def write_json(path: Optional[Path], report) -> None:
         print(f"\nwrote {path}")
 
 
-def parse_modes(text: str, command: str, allowed: Sequence[str] = MODES) -> list[str]:
-    """A subcommand's ``--modes``: comma-separated Lynx modes, each in ``allowed``."""
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in allowed]
-    if unknown or not modes:
-        raise SystemExit(f"bench {command}: unknown mode(s) {', '.join(unknown) or '(none given)'}; "
+def parse_choices(text: str, command: str, allowed: Sequence[str] = MODES, what: str = "mode") -> list[str]:
+    """A subcommand's comma-separated list (``--modes``: Lynx modes), each in ``allowed``."""
+    chosen = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown or not chosen:
+        raise SystemExit(f"bench {command}: unknown {what}(s) {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(allowed)}")
-    return modes
+    return chosen

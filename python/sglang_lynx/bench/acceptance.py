@@ -87,13 +87,14 @@ def run(args: argparse.Namespace) -> dict:
                 if reference is None:  # INT8 codes do not depend on the Anchor width
                     reference = greedy(model, exact, first, args.output_len)
                     exact_logits = forced_logits(model, exact, reference)
+                    top2 = exact_logits.topk(2, dim=-1).values
+                    gaps += (top2[:, 0] - top2[:, 1]).tolist()
                 draft = greedy(model, anchor, first, args.output_len)
                 kept[name].append(next((j for j in range(1, len(draft)) if draft[j] != reference[j]), len(draft)) - 1)
-                gap, shift, flipped = margin_shift(exact_logits, forced_logits(model, anchor, reference))
+                shift, flipped = margin_shift(exact_logits, forced_logits(model, anchor, reference))
                 shifts[name] += shift.tolist()
                 flips[name] += flipped.tolist()
                 progress.update()
-            gaps += gap.tolist()  # the same for every variant
     speculated = args.output_len - 1
     report = {"input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
               "text": args.text, "int8_gap_median": statistics.median(gaps),
@@ -137,11 +138,10 @@ def forced_logits(model, kv: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     return model(torch.tensor([tokens[:-1]]), past_key_values=cache_of(kv), use_cache=True).logits[0]
 
 
-def margin_shift(exact: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per position of two logit tensors [N, V]: exact's top-2 gap, how much ``anchor`` changes that
-    same pair's gap (absolute), and whether anchor's argmax differs from exact's."""
+def margin_shift(exact: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of two logit tensors [N, V]: how much ``anchor`` changes the gap between exact's
+    top two tokens (absolute), and whether anchor's argmax differs from exact's."""
     top2 = exact.topk(2, dim=-1)
-    gap = top2.values[:, 0] - top2.values[:, 1]
     pair = anchor.gather(-1, top2.indices)
-    shift = (pair[:, 0] - pair[:, 1] - gap).abs()
-    return gap, shift, anchor.argmax(-1) != top2.indices[:, 0]
+    shift = (pair[:, 0] - pair[:, 1] - (top2.values[:, 0] - top2.values[:, 1])).abs()
+    return shift, anchor.argmax(-1) != top2.indices[:, 0]

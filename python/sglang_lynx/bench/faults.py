@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import requests
 from tqdm import tqdm
 
-from sglang_lynx.bench import write_json
+from sglang_lynx.bench import parse_choices, write_json
 from sglang_lynx.client import RequestFailed, complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster, settled
 from sglang_lynx.config import LynxConfig
@@ -84,10 +84,10 @@ class Request:
 
 def send(url: str, prompts: list[str], expected: list[str], req: Request, ttft_s: float, bound_s: float) -> Ending:
     received: list[str] = []
+    wanted = {"after-first-token": 1, "after-verification": 2}.get(req.cut)  # pieces before leaving
 
     def on_text(piece: str) -> None:
         received.append(piece)
-        wanted = {"after-first-token": 1, "after-verification": 2}.get(req.cut)
         if wanted is not None and len(received) >= wanted:
             raise Disconnect
 
@@ -161,9 +161,10 @@ class Scenario:
     expect: str  # what must happen to the requests in flight
     bound_s: float  # every request ends within this
     requests: Callable[[int], list[Request]]
-    strike: Callable[[PDCluster, "Context"], None]  # runs while the requests are in flight
+    strike: Callable[[PDCluster], None] = lambda pd: None  # runs while the requests are in flight
     recover: Callable[[PDCluster], None] = lambda pd: None
     error_pattern: str = ""  # errors must match this (the cause named)
+    must_fail: bool = False  # the damage must be seen (a request fails), not answered around
 
 
 @dataclasses.dataclass
@@ -177,7 +178,7 @@ def mixed(n: int) -> list[Request]:
 
 
 def kill_prefill_when(phase: Callable[[dict], bool]):
-    def strike(pd: PDCluster, ctx: Context) -> None:
+    def strike(pd: PDCluster) -> None:
         wait_for(pd, phase)
         pd.kill("prefill")
     return strike
@@ -187,12 +188,12 @@ def restart_prefill(pd: PDCluster) -> None:
     pd.restart("prefill")
 
 
-def kill_decode(pd: PDCluster, ctx: Context) -> None:
+def kill_decode(pd: PDCluster) -> None:
     wait_for(pd, anchors_streaming)
     pd.kill("decode-2")
 
 
-def stall_link(pd: PDCluster, ctx: Context) -> None:
+def stall_link(pd: PDCluster) -> None:
     """Prefill's scheduler (the sender) stops, its bootstrap server answers on: to decode, a link
     that carries nothing, for longer than decode waits for KV."""
     wait_for(pd, anchors_streaming)
@@ -204,7 +205,7 @@ def stall_link(pd: PDCluster, ctx: Context) -> None:
 def corrupt(stream: str):
     """Flip a byte of a row in prefill's staging area after it was encoded and checksummed, before the
     paced link has sent it: the bytes decode receives are not the ones prefill summed."""
-    def strike(pd: PDCluster, ctx: Context) -> None:
+    def strike(pd: PDCluster) -> None:
         log = pd.log_path("prefill").read_text(errors="replace")
         layout = re.findall(r"staging: (\d+) rows x (\d+) B.*Residual from byte (\d+); rows at 0x([0-9a-f]+)", log)
         num_rows, row_nbytes, residual_at, base = (int(x, 16 if i == 3 else 10) for i, x in enumerate(layout[-1]))
@@ -240,14 +241,13 @@ LOST_PREFILL = r"(?i)prefill|connection|unavailable|another rank|aborted"
 SCENARIOS = [
     Scenario("client-disconnects", "clients close their connections: before the first token, while the request "
              "speculates (after the first token), after verification; streaming and not",
-             "the others answer correctly; the workers free everything", 120, disconnects,
-             strike=lambda pd, ctx: None),
+             "the others answer correctly; the workers free everything", 120, disconnects),
     Scenario("corrupt-anchor", "bytes of a row's Anchor flipped after prefill checksummed them",
              "the request fails with a checksum error, never a different answer", 60, corrupted, corrupt("Anchor"),
-             error_pattern="checksum"),
+             error_pattern="checksum", must_fail=True),
     Scenario("corrupt-residual", "bytes of a row's Residual flipped after prefill checksummed them",
              "the request fails with a checksum error after its first token, speculated tokens unseen", 60,
-             corrupted, corrupt("Residual"), error_pattern="checksum"),
+             corrupted, corrupt("Residual"), error_pattern="checksum", must_fail=True),
     Scenario("link-stall", f"prefill's sender paused (SIGSTOP) for {WAITING_TIMEOUT_S + 10} s while Anchors stream, "
              "longer than decode waits for KV, then resumed", "requests in flight fail with a timeout (or answer); "
              "the cluster serves again", WAITING_TIMEOUT_S + 90, mixed, stall_link,
@@ -275,13 +275,13 @@ def run_scenario(pd: PDCluster, scenario: Scenario, ctx: Context, prompts: list[
                  num_requests: int) -> dict:
     before = pd.books()
     reqs = scenario.requests(num_requests)
-    with ThreadPoolExecutor(len(reqs) + 1) as pool:
+    with ThreadPoolExecutor(len(reqs)) as pool:
         pending = [pool.submit(send, pd.spec.router_url, prompts, expected, r, ctx.ttft_s, scenario.bound_s)
                    for r in reqs]
         time.sleep(0.2)
         fault_error = None
         try:
-            scenario.strike(pd, ctx)
+            scenario.strike(pd)
         except Exception as e:  # noqa: BLE001 - reported as the scenario's failure
             fault_error = f"{type(e).__name__}: {e}"
         endings = [f.result() for f in pending]
@@ -297,7 +297,7 @@ def run_scenario(pd: PDCluster, scenario: Scenario, ctx: Context, prompts: list[
         "serves_after": served.outcome == "ok" and served.correct,
         "fault_struck": fault_error is None,
     }
-    if scenario.error_pattern == "checksum":  # the damage must be seen, not answered around
+    if scenario.must_fail:
         checks["damage_detected"] = any(e.outcome == "error" for e in endings)
     return {
         "scenario": scenario.name, "fault": scenario.fault, "expect": scenario.expect, "bound_s": scenario.bound_s,
@@ -343,10 +343,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    names = args.scenarios.split(",")
-    unknown = set(names) - {s.name for s in SCENARIOS}
-    if unknown:
-        sys.exit(f"bench faults: unknown scenario(s) {', '.join(sorted(unknown))}")
+    names = parse_choices(args.scenarios, "faults", [s.name for s in SCENARIOS], what="scenario")
     model_path = str(args.model_path or smollm2())
     with tempfile.TemporaryDirectory(prefix="lynx-faults-") as tmp:
         spec = fault_cluster_spec(model_path, Path(tmp), args.bandwidth_mbps)

@@ -29,7 +29,7 @@ import psutil
 import requests
 from tqdm import tqdm
 
-from sglang_lynx.bench import parse_modes, write_json
+from sglang_lynx.bench import parse_choices, write_json
 from sglang_lynx.bench.faults import Disconnect
 from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster, settled
@@ -156,7 +156,7 @@ def run_mode(mode: str, args, model_path: str, prompts: list[str], lengths: list
 
 
 def run(args: argparse.Namespace) -> dict:
-    modes = parse_modes(args.modes, "load")
+    modes = parse_choices(args.modes, "load")
     model_path = str(args.model_path or smollm2())
     lengths, leaving, sample = workload(args)
     prompts = text_windows(model_path, lengths)

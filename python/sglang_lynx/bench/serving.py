@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sglang_lynx.bench import parse_modes, write_json
+from sglang_lynx.bench import parse_choices, write_json
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import LynxConfig
 from sglang_lynx.models import smollm2
@@ -63,7 +63,7 @@ def run_mode(mode: str, args, model_path: str, tmp: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    modes = parse_modes(args.modes, "serving")
+    modes = parse_choices(args.modes, "serving")
     model_path = str(args.model_path or smollm2())
     with tempfile.TemporaryDirectory(prefix="lynx-serving-") as tmp:
         report = {"modes": {mode: run_mode(mode, args, model_path, Path(tmp)) for mode in modes},

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_lynx.bench import parse_modes, write_json
+from sglang_lynx.bench import parse_choices, write_json
 from sglang_lynx.client import generate
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import MODES, LynxConfig
@@ -166,7 +166,7 @@ def speculation_summary(requests: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    modes = parse_modes(args.modes, "ttft", allowed=[m for m in MODES if m != "off"])  # off: unpaced
+    modes = parse_choices(args.modes, "ttft", allowed=[m for m in MODES if m != "off"])  # off: unpaced
     model_path = str(args.model_path or smollm2())
     check_context(model_path, args.input_len, args.output_len)
     prompts = {n: make_prompts(model_path, args.text, n, args.num_prompts) for n in args.input_len}
