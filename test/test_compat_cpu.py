@@ -49,3 +49,17 @@ def test_transformers_still_sees_torchvision_as_absent():
     from transformers.utils import import_utils
 
     assert not import_utils.is_torchvision_available()
+
+
+GiB = 1 << 30
+
+
+def test_the_kv_pool_of_a_cpu_worker_leaves_room_for_a_second_worker_and_both_runtimes():
+    # 24 GB machine, Qwen2.5-Coder-1.5B in fp32 (6.6 GiB of weights): two workers fit beside their pools.
+    total, weights = int(23.5 * GiB), int(6.6 * GiB)
+    budget = cpu.kv_pool_budget(total, weights)
+    assert 1.0 * GiB < budget < 1.6 * GiB
+    assert 2 * (weights + cpu.RUNTIME_BYTES + budget) < 0.9 * total
+    # a smaller model gets more, a machine too small for two workers none
+    assert cpu.kv_pool_budget(total, GiB // 2) > 4 * GiB
+    assert cpu.kv_pool_budget(16 * GiB, 6 * GiB) == 0

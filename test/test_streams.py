@@ -85,10 +85,11 @@ def pool_kv(pool, pages, n):
     return torch.stack([torch.stack([b[tokens(pages, n)] for b in bufs]) for bufs in (pool.k_buffer, pool.v_buffer)])
 
 
+@pytest.mark.parametrize("heads, dim", [(3, 64), (2, 128)], ids=["smollm2-heads", "qwen2.5-heads"])
 @pytest.mark.parametrize("mode", ["int8", "int4", "lynx"])
-def test_pages_land_in_the_decode_pool_at_their_new_places_through_any_rows(mode):
+def test_pages_land_in_the_decode_pool_at_their_new_places_through_any_rows(mode, heads, dim):
     config = LynxConfig(mode=mode)
-    prefill_pool, decode_pool = fake_pool(seed=1), fake_pool(seed=2)
+    prefill_pool, decode_pool = (fake_pool(seed=seed, heads=heads, dim=dim) for seed in (1, 2))
     prefill, decode = staging(config, prefill_pool), staging(config, decode_pool)
     src_pages, dst_pages, n = [1, 4, 2], [5, 0, 3], 150  # last page partly filled
     src_rows, dst_rows = [4, 0, 2], [1, 5, 3]
@@ -102,7 +103,7 @@ def test_pages_land_in_the_decode_pool_at_their_new_places_through_any_rows(mode
     if mode == "lynx":  # the Residual refines the same pages to exact INT8
         send(prefill, decode, src_rows, dst_rows, residual=True)
         decode.land(dst_pages, dst_rows, n, room=77, merged=True)
-        whole_pool = fake_pool(seed=3)
+        whole_pool = fake_pool(seed=3, heads=heads, dim=dim)
         whole = staging(config, whole_pool)  # every byte at once: plain INT8
         whole.buffer.copy_(prefill.buffer)
         whole.land(src_pages, src_rows, n, room=77, merged=True)

@@ -30,6 +30,7 @@ from typing import Optional
 import psutil
 
 from sglang_lynx.config import LynxConfig
+from sglang_lynx.models import add_model_argument, resolve
 
 HOST = "127.0.0.1"
 DEFAULT_STATE_DIR = Path(".lynx-cluster")
@@ -375,13 +376,11 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _cmd_up(args: argparse.Namespace, server_args: list[str]) -> None:
-    from sglang_lynx.models import smollm2
-
     state = args.state_dir / "cluster.json"
     if state.exists():
         sys.exit(f"a cluster is already up (state in {state}); run `down` first")
     spec = ClusterSpec(
-        model_path=str(args.model_path or smollm2()),
+        model_path=resolve(args.model_path),
         lynx=LynxConfig.from_cli_args(args),
         server_args=server_args,
         log_dir=args.state_dir,
@@ -418,7 +417,7 @@ def _cmd_down(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sglang_lynx.cluster", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    add_model_argument(parser)
     parser.add_argument("--port", type=int, default=None, help="router port (default: a free one)")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="logs and process ids")
     LynxConfig.add_cli_args(parser)

@@ -17,7 +17,7 @@ from sglang_lynx.client import complete
 from sglang_lynx.cluster import DEFAULT_STATE_DIR, ClusterSpec, PDCluster
 from sglang_lynx.config import LynxConfig
 from sglang_lynx.data import gutenberg_text
-from sglang_lynx.models import smollm2
+from sglang_lynx.models import add_model_argument, resolve
 
 TEXT = "hamlet"
 QUESTION = "Which characters speak in the passage above, and what happens in it? Answer in two sentences."
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context-tokens", type=int, default=2000, help="tokens of the play in the prompt")
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--max-tokens", type=int, default=48)
+    add_model_argument(parser)
     LynxConfig.add_cli_args(parser)
     parser.set_defaults(lynx_mode="lynx", lynx_bandwidth_mbps=40.0)
     args = parser.parse_args(argv)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     timings.parent.mkdir(parents=True, exist_ok=True)
     timings.unlink(missing_ok=True)
     lynx = dataclasses.replace(LynxConfig.from_cli_args(args), timings_file=str(timings))
-    spec = ClusterSpec(model_path=str(smollm2()), lynx=lynx)
+    spec = ClusterSpec(model_path=resolve(args.model_path), lynx=lynx)
     link = f"{spec.lynx.bandwidth_mbps:g} Mbit/s" if spec.lynx.bandwidth_mbps else "unpaced"
     started = time.perf_counter()
     print(f"starting prefill, decode and router (lynx mode: {spec.lynx.mode}, KV link {link}; "

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from sglang_lynx.bench import write_json
 from sglang_lynx.codec import Codec
 from sglang_lynx.data import gutenberg_text
-from sglang_lynx.models import smollm2
+from sglang_lynx.models import add_model_argument, resolve
 
 
 def add_parser(subparsers) -> None:
@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output-len", type=int, default=32, help="tokens decoded (the first is exact)")
     p.add_argument("--num-prompts", type=int, default=6)
     p.add_argument("--text", default="hamlet", help="Gutenberg text the prompts are cut from")
-    p.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    add_model_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(run=run)
 
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     widths = [int(a) for a in args.anchor_bits.split(",")]
-    model_path = str(args.model_path or smollm2())
+    model_path = resolve(args.model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     ids = tokenizer(gutenberg_text(args.text)).input_ids

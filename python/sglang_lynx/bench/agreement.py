@@ -28,7 +28,7 @@ from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import LynxConfig
 from sglang_lynx.data import gutenberg_text
-from sglang_lynx.models import smollm2
+from sglang_lynx.models import add_model_argument, resolve
 
 TEXTS = ("hamlet", "macbeth", "lear", "othello", "tempest")
 TOP = 5  # logprobs per position
@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--bandwidth-mbps", type=float, default=16.0, help="emulated KV link rate")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    p.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    add_model_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(run=run)
 
@@ -113,7 +113,7 @@ def compare(int8: list, lynx: list) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    model_path = str(args.model_path or smollm2())
+    model_path = resolve(args.model_path)
     prompts = make_prompts(model_path, args.num_prompts)
     with tempfile.TemporaryDirectory(prefix="lynx-agreement-") as tmp:
         runs = {mode: run_mode(mode, args, model_path, prompts, Path(tmp)) for mode in ("int8", "lynx")}

@@ -1,4 +1,4 @@
-"""``codec``: accuracy, size and speed of the Lynx codec on real SmolLM2 KV.
+"""``codec``: accuracy, size and speed of the Lynx codec on a real model's KV (default: SmolLM2).
 
     python -m sglang_lynx.bench codec --json bench-codec.json
 
@@ -24,6 +24,7 @@ from sglang_lynx.bench import write_json
 from sglang_lynx.codec import Codec
 from sglang_lynx.codec.anchor_table import centre_table, estimate_table
 from sglang_lynx.codec.rtn import fake_quantize, metadata_bits
+from sglang_lynx.models import add_model_argument, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GPU_THROUGHPUT_TOKENS = 32768
@@ -36,6 +37,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
     p.add_argument("--tokens", type=int, default=1024, help="tokens of text to prefill (default: 1024)")
     p.add_argument("--text", default="hamlet", help="Gutenberg text (sglang_lynx.data; default: hamlet)")
+    add_model_argument(p)
     p.add_argument("--anchor-bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -53,11 +55,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from sglang_lynx.data import gutenberg_text, prefill_kv
-    from sglang_lynx.models import smollm2
 
     progress = tqdm(total=4, desc="codec bench", unit="step")
     progress.set_postfix_str("prefilling real KV")
-    kv = prefill_kv(smollm2(), gutenberg_text(args.text), args.tokens).to(args.device, DTYPES[args.dtype])
+    kv = prefill_kv(resolve(args.model_path), gutenberg_text(args.text), args.tokens).to(args.device, DTYPES[args.dtype])
     progress.update()
     _, L, T, H, D = kv.shape
     codec = Codec(L, H, D, anchor_bits=args.anchor_bits, group_size=args.group_size, backend=args.backend)

@@ -36,7 +36,7 @@ from sglang_lynx.client import RequestFailed, complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster, settled
 from sglang_lynx.config import LynxConfig
 from sglang_lynx.data import text_windows
-from sglang_lynx.models import smollm2
+from sglang_lynx.models import add_model_argument, resolve
 
 WAITING_TIMEOUT_S = 20  # decode gives up on KV (Anchor or Residual) that does not come
 SERVER_ENV = {
@@ -337,14 +337,14 @@ def add_parser(subparsers) -> None:
                    help=f"comma-separated, from: {', '.join(s.name for s in SCENARIOS)}")
     p.add_argument("--requests", type=int, default=4, help="requests in flight per scenario")
     p.add_argument("--bandwidth-mbps", type=float, default=20.0, help="emulated KV link rate")
-    p.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    add_model_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     names = parse_choices(args.scenarios, "faults", [s.name for s in SCENARIOS], what="scenario")
-    model_path = str(args.model_path or smollm2())
+    model_path = resolve(args.model_path)
     with tempfile.TemporaryDirectory(prefix="lynx-faults-") as tmp:
         spec = fault_cluster_spec(model_path, Path(tmp), args.bandwidth_mbps)
         print("starting prefill, two decode workers and the router ...", flush=True)

@@ -35,7 +35,7 @@ from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster, settled
 from sglang_lynx.config import LynxConfig
 from sglang_lynx.data import text_windows
-from sglang_lynx.models import smollm2
+from sglang_lynx.models import add_model_argument, resolve
 
 RSS_SLACK = 0.10  # allocator caches and lazily built kernels: RSS may settle a little above its baseline
 
@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--disconnect-share", type=float, default=0.1, help="clients that leave early")
     p.add_argument("--sample", type=int, default=20, help="prompts whose greedy answers are compared")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    add_model_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(run=run)
 
@@ -157,7 +157,7 @@ def run_mode(mode: str, args, model_path: str, prompts: list[str], lengths: list
 
 def run(args: argparse.Namespace) -> dict:
     modes = parse_choices(args.modes, "load")
-    model_path = str(args.model_path or smollm2())
+    model_path = resolve(args.model_path)
     lengths, leaving, sample = workload(args)
     prompts = text_windows(model_path, lengths)
     reference: dict = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 from sglang_lynx.bench import parse_choices, write_json
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import LynxConfig
-from sglang_lynx.models import smollm2
+from sglang_lynx.models import add_model_argument, resolve
 
 
 def add_parser(subparsers) -> None:
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens (random ids)")
     p.add_argument("--output-len", type=int, default=32, help="tokens generated per request")
     p.add_argument("--max-concurrency", type=int, default=4, help="requests in flight at once")
-    p.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    add_model_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(run=run)
 
@@ -64,7 +64,7 @@ def run_mode(mode: str, args, model_path: str, tmp: Path) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     modes = parse_choices(args.modes, "serving")
-    model_path = str(args.model_path or smollm2())
+    model_path = resolve(args.model_path)
     with tempfile.TemporaryDirectory(prefix="lynx-serving-") as tmp:
         report = {"modes": {mode: run_mode(mode, args, model_path, Path(tmp)) for mode in modes},
                   "bandwidth_mbps": args.bandwidth_mbps, "input_len": args.input_len,

@@ -30,7 +30,7 @@ from sglang_lynx.client import generate
 from sglang_lynx.cluster import ClusterSpec, PDCluster
 from sglang_lynx.config import MODES, LynxConfig
 from sglang_lynx.data import text_windows
-from sglang_lynx.models import smollm2
+from sglang_lynx.models import add_model_argument, resolve
 
 
 def add_parser(subparsers) -> None:
@@ -46,7 +46,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-speculative-tokens", type=int, default=64,
                    help="lynx: tokens decoded on the Anchor before the Residual must land")
     p.add_argument("--text", default="hamlet", help="Gutenberg text the prompts are cut from")
-    p.add_argument("--model-path", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    add_model_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--plot", type=Path, default=None,
                    help="write a PNG of TTFT and time to the K-th token against link bandwidth, one panel "
@@ -167,7 +167,7 @@ def speculation_summary(requests: list[dict]) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     modes = parse_choices(args.modes, "ttft", allowed=[m for m in MODES if m != "off"])  # off: unpaced
-    model_path = str(args.model_path or smollm2())
+    model_path = resolve(args.model_path)
     check_context(model_path, args.input_len, args.output_len)
     prompts = {n: make_prompts(model_path, args.text, n, args.num_prompts) for n in args.input_len}
     results = {}  # (bandwidth, input length) -> mode -> result

@@ -10,8 +10,10 @@ Everything here is inactive when CUDA is available. Nothing edits an installed f
 * two narrow patches of CUDA-only calls on the PD path (host-memory registration for the
   decode host pool, pinned transfer indices with a CUDA event on prefill);
 * server-argument defaults for a CPU (fp32, the torch-native attention backend, sleep when
-  idle so two cores are not burnt busy-polling, a KV pool sized for a small machine), set as
-  defaults of SGLang's argument parser by the plugin.
+  idle so two cores are not burnt busy-polling), set as defaults of SGLang's argument parser by
+  the plugin;
+* a KV pool sized for the model and a machine that hosts prefill and decode side by side
+  (:func:`kv_pool_budget`), unless ``--max-total-tokens`` says otherwise.
 
 Launchers call :func:`activate` before importing SGLang; in the project's environment a ``.pth``
 file makes every process call it the moment it imports SGLang (:func:`activate_on_sglang_import`).
@@ -24,7 +26,10 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import logging
 import types
+
+logger = logging.getLogger(__name__)
 
 PLACEHOLDER_PACKAGES = ("sgl_kernel", "torchvision")
 
@@ -42,12 +47,22 @@ SERVER_ARG_DEFAULTS = {
     "attention_backend": "torch_native",
     "dtype": "float32",  # bf16 matmuls are ~5x slower than fp32 on AVX2
     "sleep_on_idle": True,
-    "max_total_tokens": 65536,  # room for 8 full-context requests; the staging area is 5% of it
     "disable_overlap_schedule": True,
     # The default ("host_pool") sizes a HiCache host pool beside a pool that already is in host memory,
     # and refuses to start a decode worker when less than 10 GiB of RAM is free (a second decode worker).
     "disaggregation_decode_retraction_backup": "cpu_tensor",
 }
+
+
+# The KV pool of a CPU worker (kv_pool_budget): one machine runs prefill and decode, so each worker's
+# pool gets a quarter of what the machine leaves once both workers' weights and runtimes are counted
+# (two pools take half of it; the rest is for activations, the page cache, the router and clients),
+# and room for this many requests of the model's full context at most.
+RUNTIME_BYTES = 5 << 29  # one worker's processes (HTTP server, scheduler, detokenizer) besides weights and KV
+KV_SHARE = 0.25
+FULL_CONTEXT_REQUESTS = 8
+# Never more than what is free now, less this: a machine busier than the rule assumes gets a smaller pool.
+FREE_RESERVE_BYTES = 1 << 30
 
 
 def active() -> bool:
@@ -100,7 +115,42 @@ def hooks() -> list:
     return [
         # The decode worker's host KV pool registers its memory with CUDA; a CPU has nothing to pin.
         ("sglang.srt.mem_cache.pool_host.common._cuda_host_register", _nothing_to_pin, HookType.REPLACE),
+        ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",
+         _size_kv_pool, HookType.AFTER),
     ]
+
+
+def kv_pool_budget(total_bytes: int, weight_bytes: int) -> int:
+    """Bytes for one worker's KV pool on a machine of ``total_bytes`` running two workers whose
+    weights take ``weight_bytes`` each (before the cap of FULL_CONTEXT_REQUESTS)."""
+    return max(0, int(KV_SHARE * (total_bytes - 2 * (weight_bytes + RUNTIME_BYTES))))
+
+
+def _size_kv_pool(profiled: int, configurator, *args, **kwargs) -> int:
+    """AFTER ``KVCacheConfigurator._profile_available_bytes``: without ``--max-total-tokens``, SGLang
+    gives the KV pool a share of the RAM free when the worker starts, as on a GPU it does of the card's
+    memory; with prefill and decode starting side by side on one machine, what is free then depends on
+    how far the other worker has got. The pool is sized from the machine and the model instead."""
+    if configurator.server_args.max_total_tokens is not None or configurator.is_draft_worker:
+        return profiled
+    import psutil
+
+    memory = psutil.virtual_memory()
+    weights = sum(t.numel() * t.element_size() for t in (*configurator.model.parameters(),
+                                                           *configurator.model.buffers()))
+    budget = kv_pool_budget(memory.total, weights)
+    context = configurator.model_config.context_len
+    tokens = configurator.config_from_budget(budget).max_total_num_tokens
+    if tokens > FULL_CONTEXT_REQUESTS * context:
+        budget = int(budget * FULL_CONTEXT_REQUESTS * context / tokens)
+    chosen = min(budget, max(0, memory.available - FREE_RESERVE_BYTES))
+    gib = lambda n: f"{n / 2**30:.1f} GiB"
+    logger.info("Lynx CPU default KV pool: %s, %d tokens: %g of what this %s machine leaves once two workers' "
+                "weights (2 x %s) and runtimes (2 x %s) are counted, for at most %d requests of %d tokens%s; "
+                "--max-total-tokens sets it", gib(chosen), configurator.config_from_budget(chosen).max_total_num_tokens,
+                KV_SHARE, gib(memory.total), gib(weights), gib(RUNTIME_BYTES), FULL_CONTEXT_REQUESTS, context,
+                f" (less: only {gib(memory.available)} is free now)" if chosen < budget else "")
+    return chosen
 
 
 def _nothing_to_pin(*args, **kwargs) -> None:
