@@ -251,9 +251,12 @@ class PDCluster(_ProcessGroup):
             "--decode-policy", "round_robin",  # several decode workers: each gets its share
             "--host", HOST, "--port", str(spec.router_port),
             "--prometheus-port", str(free_port()),  # its default (29000) would clash with a second cluster
-            # The defaults (a 5 s timeout) mark a worker busy with a long prefill as dead.
+            # The defaults (a 5 s timeout) mark a worker busy with a long prefill as dead; a worker's
+            # /health answers within SGLANG_HEALTH_CHECK_TIMEOUT (compat.cpu: 300 s).
             "--health-check-interval-secs", "10",
-            "--health-check-timeout-secs", "60",
+            "--health-check-timeout-secs", "300",
+            # The workers are healthy already: route at the first check, not the second, 10 s later.
+            "--health-success-threshold", "1",
             # With one worker per role an open circuit refuses every request for a minute;
             # a failing request already reports its own error.
             "--disable-circuit-breaker",

@@ -155,7 +155,10 @@ def smollm2(out: Path | None = None) -> Path:
 def resolve(name_or_path: str) -> str:
     """A bundled model's name (materialised if needed) or a model folder -> the folder to serve."""
     if name_or_path in MODELS:
-        return str(materialise(name_or_path))
+        try:
+            return str(materialise(name_or_path))
+        except ModelError as e:
+            raise SystemExit(f"error: {e}") from None
     if not (Path(name_or_path) / "config.json").is_file():
         raise SystemExit(f"--model-path {name_or_path}: neither a bundled model ({', '.join(MODELS)}) nor a "
                          f"folder with a config.json")

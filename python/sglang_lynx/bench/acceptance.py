@@ -37,6 +37,7 @@ def add_parser(subparsers) -> None:
                               description=__doc__.split("\n")[0])
     p.add_argument("--anchor-bits", default="4,5,6", help="comma-separated Anchor widths to compare")
     p.add_argument("--split", action="store_true", help="also anchor only K, and only V (first width)")
+    p.add_argument("--group-size", type=int, default=64, help="tokens per quantization group (--lynx-group-size)")
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens")
     p.add_argument("--output-len", type=int, default=32, help="tokens decoded (the first is exact)")
     p.add_argument("--num-prompts", type=int, default=6)
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
             first = int(out.logits[0, -1].argmax())
             reference = exact_logits = None
             for name, (bits, anchor_k, anchor_v) in cases.items():
-                codec = Codec(kv.shape[1], kv.shape[3], kv.shape[4], anchor_bits=bits)
+                codec = Codec(kv.shape[1], kv.shape[3], kv.shape[4], anchor_bits=bits, group_size=args.group_size)
                 planes = codec.encode(kv)
                 exact = codec.decode_merged(planes.anchor, planes.residual, planes.meta, kv.shape[2])
                 anchor = codec.decode_anchor(planes.anchor, planes.meta, kv.shape[2])
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
                 progress.update()
     speculated = args.output_len - 1
     report = {"input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
-              "text": args.text, "int8_gap_median": statistics.median(gaps),
+              "text": args.text, "group_size": args.group_size, "int8_gap_median": statistics.median(gaps),
               "variants": {name: {"kept": k, "accepted_mean": statistics.mean(k),
                                   "accept_rate": statistics.mean(k) / speculated,
                                   "flip_rate": statistics.mean(flips[name]),

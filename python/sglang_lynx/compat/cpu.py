@@ -39,6 +39,9 @@ ENV_DEFAULTS = {
     # Mooncake over loopback TCP; RDMA needs real NICs.
     "MOONCAKE_PROTOCOL": "tcp",
     "MC_FORCE_TCP": "1",
+    # /health waits this long for the scheduler to answer; a CPU prefilling a long prompt of a 1.5B
+    # model (400 tokens: 20 s, 2,000: 100 s) answers nothing meanwhile, and SGLang's 20 s would call it dead.
+    "SGLANG_HEALTH_CHECK_TIMEOUT": "300",
 }
 
 # SGLang server settings for a CPU, as parser defaults: a flag the user gives still wins.
@@ -116,7 +119,7 @@ def hooks() -> list:
         # The decode worker's host KV pool registers its memory with CUDA; a CPU has nothing to pin.
         ("sglang.srt.mem_cache.pool_host.common._cuda_host_register", _nothing_to_pin, HookType.REPLACE),
         ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",
-         _size_kv_pool, HookType.AFTER),
+         _size_kv_pool, HookType.AROUND),
     ]
 
 
@@ -126,13 +129,14 @@ def kv_pool_budget(total_bytes: int, weight_bytes: int) -> int:
     return max(0, int(KV_SHARE * (total_bytes - 2 * (weight_bytes + RUNTIME_BYTES))))
 
 
-def _size_kv_pool(profiled: int, configurator, *args, **kwargs) -> int:
-    """AFTER ``KVCacheConfigurator._profile_available_bytes``: without ``--max-total-tokens``, SGLang
+def _size_kv_pool(profile, configurator, *args, **kwargs) -> int:
+    """AROUND ``KVCacheConfigurator._profile_available_bytes``: without ``--max-total-tokens``, SGLang
     gives the KV pool a share of the RAM free when the worker starts, as on a GPU it does of the card's
-    memory; with prefill and decode starting side by side on one machine, what is free then depends on
-    how far the other worker has got. The pool is sized from the machine and the model instead."""
+    memory (and refuses to start when too little is free); with prefill and decode starting side by side
+    on one machine, what is free then depends on how far the other worker has got. The pool is sized
+    from the machine and the model instead."""
     if configurator.server_args.max_total_tokens is not None or configurator.is_draft_worker:
-        return profiled
+        return profile(configurator, *args, **kwargs)
     import psutil
 
     memory = psutil.virtual_memory()
