@@ -321,6 +321,7 @@ def test_speculation_counters_are_exported_with_sglang_s_prometheus_metrics(lynx
     assert counter("accepted_tokens") == state["accepted_tokens"] > 0
     assert counter("verify_passes") == state["verify_passes"] > 0
     assert counter("rollbacks") == state["rolled_back_requests"] > 0
+    assert counter("draft_mismatches") == state["draft_mismatches"]
 
 
 def test_sglang_s_own_load_generator_runs_against_the_router(lynx_cluster, model_path, tmp_path):

@@ -1,13 +1,17 @@
 """Which speculated tokens verification keeps: the greedy rule, the speculative-sampling rule, and the
-distributions they are computed from. Pure functions on logits; the end-to-end behaviour on real
-servers is in test_e2e_speculation.py."""
+distributions they are computed from (pure functions on logits); what a verified request keeps, on
+SGLang's own request object. The end-to-end behaviour on real servers is in test_e2e_lynx.py."""
+
+from array import array
+from types import SimpleNamespace
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from sglang_lynx.speculation.acceptance import (SamplingParams, greedy_verdict, sampled_verdict,
+from sglang_lynx.speculation.acceptance import (SamplingParams, Verdict, greedy_verdict, sampled_verdict,
                                                 sampling_distribution)
+from sglang_lynx.speculation.speculator import Speculation, Speculator
 
 GREEDY = SamplingParams(top_k=1)
 
@@ -21,19 +25,19 @@ def logits_predicting(tokens, vocab=10):
 
 def test_greedy_keeps_the_longest_agreeing_prefix_and_corrects_the_first_divergence():
     exact = logits_predicting([3, 4, 9, 1])  # the exact model would say 3, 4, 9, then 1
-    assert greedy_verdict(torch.tensor([3, 4, 5]), exact) == (2, 9)
+    assert greedy_verdict(torch.tensor([3, 4, 5]), exact) == Verdict(2, 9)
 
 
 def test_greedy_adds_the_exact_token_after_a_fully_accepted_run():
-    assert greedy_verdict(torch.tensor([3, 4, 9]), logits_predicting([3, 4, 9, 1])) == (3, 1)
+    assert greedy_verdict(torch.tensor([3, 4, 9]), logits_predicting([3, 4, 9, 1])) == Verdict(3, 1)
 
 
 def test_greedy_with_nothing_speculated_gives_the_exact_next_token():
-    assert greedy_verdict(torch.tensor([], dtype=torch.long), logits_predicting([7])) == (0, 7)
+    assert greedy_verdict(torch.tensor([], dtype=torch.long), logits_predicting([7])) == Verdict(0, 7)
 
 
 def test_greedy_rejects_at_the_first_token_even_if_later_ones_agree():
-    assert greedy_verdict(torch.tensor([2, 4, 9]), logits_predicting([3, 4, 9, 1])) == (0, 3)
+    assert greedy_verdict(torch.tensor([2, 4, 9]), logits_predicting([3, 4, 9, 1])) == Verdict(0, 3)
 
 
 @pytest.mark.parametrize("params", [
@@ -70,8 +74,8 @@ def outputs_of(rule, p, q, seed):
     firsts, seconds = [], []
     for _ in range(SAMPLES):
         draft = torch.multinomial(q, 1, generator=g).view(-1)
-        accepted, next_token = rule(draft, q, p, g)
-        tokens = [*draft[:accepted].tolist(), next_token]
+        verdict = rule(draft, q, p, g)
+        tokens = [*draft[:verdict.accepted].tolist(), verdict.next_token]
         if len(tokens) < 2:
             tokens.append(int(torch.multinomial(p[1], 1, generator=g)))
         firsts.append(tokens[0])
@@ -89,7 +93,7 @@ def chi_square_p_value(samples, expected_probs):
 
 def accept_every_draft(draft, q, p, g):
     """Wrong on purpose: decoding on the Anchor alone, without verification."""
-    return len(draft), int(torch.multinomial(p[len(draft)], 1, generator=g))
+    return Verdict(len(draft), int(torch.multinomial(p[len(draft)], 1, generator=g)))
 
 
 def target_and_draft(seed=0):
@@ -123,8 +127,30 @@ def test_a_draft_the_exact_model_agrees_with_is_always_kept():
     p = torch.softmax(torch.randn(4, VOCAB), dim=-1)
     draft = torch.multinomial(p[:3], 1).view(-1)
     for seed in range(50):
-        accepted, _ = sampled_verdict(draft, p[:3], p, torch.Generator().manual_seed(seed))
-        assert accepted == 3
+        assert sampled_verdict(draft, p[:3], p, torch.Generator().manual_seed(seed)).accepted == 3
+
+
+# q is rebuilt from the draft logits; at a top-k/top-p tie it can leave out the token SGLang's sampler drew.
+OUTSIDE_Q = torch.tensor([[0.0, 0.5, 0.5]])  # token 0 drafted, yet q gives it nothing
+
+
+def test_a_drafted_token_the_exact_model_rules_out_is_never_kept_even_where_q_gives_it_nothing():
+    p = torch.tensor([[0.0, 0.3, 0.7], [0.2, 0.3, 0.5]])
+    for seed in range(50):
+        verdict = sampled_verdict(torch.tensor([0]), OUTSIDE_Q, p, torch.Generator().manual_seed(seed))
+        assert verdict.accepted == 0 and verdict.next_token != 0
+
+
+def test_a_drafted_token_q_gives_nothing_is_kept_when_the_exact_model_can_say_it():
+    p = torch.tensor([[0.1, 0.2, 0.7], [0.2, 0.3, 0.5]])
+    for seed in range(50):
+        assert sampled_verdict(torch.tensor([0]), OUTSIDE_Q, p, torch.Generator().manual_seed(seed)).accepted == 1
+
+
+def test_drafted_tokens_q_gives_nothing_are_counted_whatever_the_verdict():
+    q = torch.tensor([[0.0, 0.5, 0.5], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
+    p = torch.full((4, 3), 1 / 3)
+    assert sampled_verdict(torch.tensor([0, 2, 1]), q, p).draft_mismatches == 2
 
 
 def extend_case(prefixes, news, heads=4, kv_heads=2, dim=16, seed=0):
@@ -158,3 +184,69 @@ def test_verify_attention_attends_from_the_new_tokens_only_and_agrees_with_sglan
     with verify_pass():
         ours = run(attend_new_tokens)
     torch.testing.assert_close(ours, sglang, rtol=1e-5, atol=1e-6)
+
+
+def speculating_req(tokens, **sampling):
+    """An SGLang request asking for logprobs (its 2 top ones, and those of tokens 0 and 1), whose output
+    is ``tokens``: its first token and those it speculated, each logged as SGLang's decode step logs it."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams as RequestParams
+
+    params = RequestParams(**sampling)
+    params.normalize(None)
+    req = Req("speculating", "", array("q", [1, 2, 3]), params, return_logprob=True, top_logprobs_num=2,
+              token_ids_logprob=[0, 1], vocab_size=10)
+    req.output_ids.extend(tokens)
+    lp = req.logprob
+    for token in tokens:
+        lp.output_token_logprobs_val.append(-1.0)
+        lp.output_token_logprobs_idx.append(token)
+        lp.output_top_logprobs_val.append([-1.0, -2.0])
+        lp.output_top_logprobs_idx.append([token, 0])
+        lp.output_token_ids_logprobs_val.append([-3.0, -3.0])
+        lp.output_token_ids_logprobs_idx.append([0, 1])
+    return req
+
+
+class Landed:
+    """Stands in for a request's Anchor-only KV whose Residual has landed."""
+
+    def take_residual(self):
+        return SimpleNamespace(failure=None)
+
+    def refine(self):
+        return None
+
+    def record(self, **fields):
+        pass
+
+    def close(self, failure=None, **fields):
+        pass
+
+
+def speculating(req, params=GREEDY, drafts=()) -> Speculator:
+    speculator = Speculator(max_speculative_tokens=8)
+    speculator.records[req.rid] = Speculation(req, Landed(), 8, params, drafts=list(drafts))
+    return speculator
+
+
+def verify(monkeypatch, speculator, exact_rows):
+    """The speculator's verification, ``exact_rows`` the exact model's logits at the output positions
+    after the first, on a scheduler without KV."""
+    from sglang_lynx.speculation import speculator as module
+
+    monkeypatch.setattr(module, "exact_logits", lambda scheduler, reqs: [exact_rows])
+    monkeypatch.setattr(module, "truncate_kv", lambda *args: None)
+    monkeypatch.setattr(module, "release_kv_cache", lambda *args, **kwargs: None)
+    scheduler = SimpleNamespace(running_batch=SimpleNamespace(reqs=[], filter_batch=lambda **kwargs: None),
+                                waiting_queue=[], tree_cache=None,
+                                output_streamer=SimpleNamespace(stream_output=lambda reqs, return_logprob: None))
+    return speculator.verify_landed(scheduler)
+
+
+def test_the_server_counts_sampled_tokens_outside_their_rebuilt_draft_distribution(monkeypatch):
+    params = SamplingParams(temperature=1.0, top_k=2)
+    draft_logits = torch.tensor([1.0, 3.0, 3.0, 0, 0, 0, 0, 0, 0, 0])  # q: tokens 1 and 2 only ...
+    speculator = speculating(speculating_req([5, 0]), params, drafts=[draft_logits])  # ... 0 was drawn
+    verify(monkeypatch, speculator, logits_predicting([0, 4]))
+    assert speculator.state()["draft_mismatches"] == 1

@@ -32,6 +32,7 @@ class SamplingParams(NamedTuple):
 class Verdict(NamedTuple):
     accepted: int  # leading speculated tokens kept
     next_token: int  # the exact model's token after them (correction or bonus)
+    draft_mismatches: int = 0  # speculated tokens to which the rebuilt draft distribution gives no mass
 
 
 def sampling_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -68,15 +69,18 @@ def sampled_verdict(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
     s = len(draft)
     rows = torch.arange(s)
     p_x, q_x = p[rows, draft], q[rows, draft]
-    ratio = torch.where(q_x > 0, p_x / q_x.clamp_min(torch.finfo(q_x.dtype).tiny), torch.ones_like(p_x))
+    # q is rebuilt from the draft logits and can miss a token SGLang's sampler drew (top-k/top-p ties):
+    # such a token is kept only if the exact model can say it.
+    ratio = torch.where(q_x > 0, p_x / q_x.clamp_min(torch.finfo(q_x.dtype).tiny), (p_x > 0).to(p_x.dtype))
+    mismatches = int((q_x == 0).sum())
     uniform = torch.rand(s, generator=generator, dtype=ratio.dtype, device=ratio.device)
     rejected = (uniform >= ratio).nonzero()
     if len(rejected) == 0:
-        return Verdict(s, _draw(p[s], generator))
+        return Verdict(s, _draw(p[s], generator), mismatches)
     j = int(rejected[0])
     residual = (p[j] - q[j]).clamp_min(0.0)
     # p == q leaves nothing, but then no token is ever rejected; guard the rounding.
-    return Verdict(j, _draw(residual if residual.sum() > 0 else p[j], generator))
+    return Verdict(j, _draw(residual if residual.sum() > 0 else p[j], generator), mismatches)
 
 
 def _draw(weights: torch.Tensor, generator: Optional[torch.Generator]) -> int:

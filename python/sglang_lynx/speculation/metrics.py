@@ -20,12 +20,17 @@ class SpeculationMetrics:
                                      names).labels(**labels)
         self.rollbacks = Counter("sglang:lynx_rollbacks", "Verified requests that rolled back a token.",
                                  names).labels(**labels)
+        self.draft_mismatches = Counter(
+            "sglang:lynx_draft_mismatches",
+            "Sampled speculated tokens outside the draft distribution rebuilt from their logits.",
+            names).labels(**labels)
 
     def verify_pass(self) -> None:
         self.verify_passes.inc()
 
-    def verified(self, speculated: int, accepted: int) -> None:
+    def verified(self, speculated: int, accepted: int, draft_mismatches: int) -> None:
         self.speculated.inc(speculated)
         self.accepted.inc(accepted)
+        self.draft_mismatches.inc(draft_mismatches)
         if accepted < speculated:
             self.rollbacks.inc()

@@ -88,7 +88,7 @@ class Speculator:
         self.records: dict[str, Speculation] = {}
         self.metrics: Optional[SpeculationMetrics] = None
         self.totals = dict.fromkeys(("verified_requests", "verify_passes", "speculated_tokens",
-                                     "accepted_tokens", "rolled_back_requests"), 0)
+                                     "accepted_tokens", "rolled_back_requests", "draft_mismatches"), 0)
 
     def state(self) -> dict:
         return {"speculating": len(self.records), "paused": sum(rec.paused for rec in self.records.values()),
@@ -216,7 +216,7 @@ class Speculator:
             rec.anchored.close(residual_applied=started, verify_s=verify_s, speculated=speculated,
                                accepted=verdict.accepted, rolled_back=speculated - verdict.accepted,
                                verify_batch=len(recs))
-            self._count(speculated, verdict.accepted)
+            self._count(speculated, verdict)
             req.update_finish_state(len(kept))
             if req.finished():
                 release_kv_cache(req, scheduler.tree_cache, checkpoint=True)
@@ -226,13 +226,14 @@ class Speculator:
                 decode_on.append(req)  # SGLang re-admits it: it streams the kept tokens, then decodes
         return decode_on
 
-    def _count(self, speculated: int, accepted: int) -> None:
+    def _count(self, speculated: int, verdict: Verdict) -> None:
         self.totals["verified_requests"] += 1
         self.totals["speculated_tokens"] += speculated
-        self.totals["accepted_tokens"] += accepted
-        self.totals["rolled_back_requests"] += accepted < speculated
+        self.totals["accepted_tokens"] += verdict.accepted
+        self.totals["rolled_back_requests"] += verdict.accepted < speculated
+        self.totals["draft_mismatches"] += verdict.draft_mismatches
         if self.metrics is not None:
-            self.metrics.verified(speculated, accepted)
+            self.metrics.verified(speculated, verdict.accepted, verdict.draft_mismatches)
 
     def _decide(self, rec: Speculation, rows: torch.Tensor) -> Verdict:
         draft = torch.tensor(rec.req.output_ids[VERIFIED:], dtype=torch.long, device=rows.device)
