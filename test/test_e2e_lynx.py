@@ -258,6 +258,36 @@ def test_logprobs_are_the_exact_model_s(lynx_cluster):
         assert mine.keys() == theirs.keys()
 
 
+def test_logprobs_number_the_output_tokens_when_a_stop_falls_among_the_speculated_ones(lynx_cluster):
+    """Verification can keep tokens past a stop met on a speculated token (at least the exact model's
+    token after the last kept one); the logprobs end where the output does. int8 is SGLang's own."""
+    mode, cluster, timings = lynx_cluster
+    only(mode, "int8", "lynx")
+    url = f"{cluster.spec.router_url}/v1/completions"
+
+    def ask(**body):
+        body = {"model": "default", "temperature": 0, "logprobs": 3, **body}
+        return requests.post(url, json=body, timeout=600).json()
+
+    stop_word = ask(prompt=PROMPTS["story"], max_tokens=MAX_TOKENS)["choices"][0]["text"].split()[4]
+    cases = {  # each stops within the tokens a request speculates here
+        "max_tokens": ({"prompt": MEDIUM, "max_tokens": 6}, "length"),
+        "stop string": ({"prompt": PROMPTS["story"], "max_tokens": SPECULATION_MAX_TOKENS, "stop": [stop_word]},
+                        "stop"),
+    }
+    for name, (body, finish_reason) in cases.items():
+        response = ask(**body)
+        choice, output_tokens = response["choices"][0], response["usage"]["completion_tokens"]
+        assert choice["finish_reason"] == finish_reason, name
+        fields = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        assert {f: len(choice["logprobs"][f]) for f in fields} == dict.fromkeys(fields, output_tokens), name
+        if name == "max_tokens":
+            assert output_tokens == 6
+        if mode == "lynx":
+            record = decode_record(timings, response["id"])
+            assert "residual_applied" in record and record["speculated"] >= 1, (name, record)
+
+
 def test_sampled_tokens_follow_the_distribution_of_int8(lynx_cluster):
     """The next 4 tokens of a fixed prompt at temperature 1, SAMPLES times per mode. At each of the
     speculated positions (2 to 4), a chi-square test of homogeneity between lynx's and int8's tokens,

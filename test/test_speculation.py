@@ -208,6 +208,12 @@ def speculating_req(tokens, **sampling):
     return req
 
 
+def logprob_lists(req) -> dict:
+    return {name: getattr(req.logprob, f"output_{name}") for name in (
+        "token_logprobs_val", "token_logprobs_idx", "top_logprobs_val", "top_logprobs_idx",
+        "token_ids_logprobs_val", "token_ids_logprobs_idx")}
+
+
 class Landed:
     """Stands in for a request's Anchor-only KV whose Residual has landed."""
 
@@ -250,3 +256,17 @@ def test_the_server_counts_sampled_tokens_outside_their_rebuilt_draft_distributi
     speculator = speculating(speculating_req([5, 0]), params, drafts=[draft_logits])  # ... 0 was drawn
     verify(monkeypatch, speculator, logits_predicting([0, 4]))
     assert speculator.state()["draft_mismatches"] == 1
+
+
+@pytest.mark.parametrize("stop", [{"max_new_tokens": 3}, {"stop_token_ids": [7]}])
+def test_a_verified_run_that_stops_before_its_bonus_token_has_logprobs_for_its_output_tokens_only(
+        monkeypatch, stop):
+    req = speculating_req([5, 6, 7], **stop)  # 6 and 7 speculated; 7 is the third token, or a stop token
+    exact = logits_predicting([6, 7, 8])  # both kept; the bonus token 8 comes after the stop
+    verify(monkeypatch, speculating(req), exact)
+    assert req.finished() and list(req.output_ids_through_stop) == [5, 6, 7]
+    assert {name: len(values) for name, values in logprob_lists(req).items()} == dict.fromkeys(logprob_lists(req), 3)
+    assert req.logprob.output_token_logprobs_idx == [5, 6, 7]
+    exact_logprobs = torch.log_softmax(exact, dim=-1)
+    assert req.logprob.output_token_logprobs_val[1:] == pytest.approx([exact_logprobs[0, 6].item(),
+                                                                        exact_logprobs[1, 7].item()])

@@ -211,13 +211,13 @@ class Speculator:
             req.output_ids.extend(kept)
             # KV stays for the tokens before the new last one (its own is written by the next step).
             truncate_kv(req, len(req.origin_input_ids) + len(req.output_ids) - 1, scheduler.tree_cache)
-            if req.return_logprob:
-                _replace_logprobs(req, rows[: len(kept)], kept, rec.params)
             rec.anchored.close(residual_applied=started, verify_s=verify_s, speculated=speculated,
                                accepted=verdict.accepted, rolled_back=speculated - verdict.accepted,
                                verify_batch=len(recs))
             self._count(speculated, verdict)
             req.update_finish_state(len(kept))
+            if req.return_logprob:
+                _replace_logprobs(req, rows, rec.params)
             if req.finished():
                 release_kv_cache(req, scheduler.tree_cache, checkpoint=True)
                 req.time_stats.set_completion_time()
@@ -289,13 +289,16 @@ def _truncate_logprobs(req, n: int) -> None:
             del values[n:]
 
 
-def _replace_logprobs(req, rows: torch.Tensor, tokens: list[int], params: SamplingParams) -> None:
-    """The exact model's logprobs for the kept tokens, as SGLang's sampler reports them:
-    log softmax(logits / T), before top-k/top-p/min-p (T = 1 when greedy)."""
+def _replace_logprobs(req, rows: torch.Tensor, params: SamplingParams) -> None:
+    """The exact model's logprobs for the output tokens after the first ``VERIFIED`` (``rows[j]``
+    predicts output token ``VERIFIED + j``), as SGLang's sampler reports them: log softmax(logits / T),
+    before top-k/top-p/min-p (T = 1 when greedy). Called after ``update_finish_state``: the kept tokens
+    can go on past a stop (EOS, stop string, ``max_tokens``), and those are no output."""
     lp = req.logprob
+    tokens = req.output_ids_through_stop[VERIFIED:]
     _truncate_logprobs(req, VERIFIED)
     temperature = 1.0 if params.greedy else params.temperature
-    logprobs = torch.log_softmax(rows.float() / temperature, dim=-1)
+    logprobs = torch.log_softmax(rows[: len(tokens)].float() / temperature, dim=-1)
     logprobs.clamp_(min=torch.finfo(logprobs.dtype).min)
     for row, token in zip(logprobs, tokens):
         lp.output_token_logprobs_val.append(row[token].item())
