@@ -319,6 +319,18 @@ def test_sampled_tokens_follow_the_distribution_of_int8(lynx_cluster):
     assert max(categories) >= 3, "the prompt must leave the model several likely tokens somewhere"
 
 
+def abort_while_speculating(cluster, path: str, body: dict, rid_of) -> tuple[dict, list]:
+    """Stream ``body`` to the router's ``path``; at the first event, abort the request on the decode
+    worker (``rid_of(event)`` its id) while it speculates. The first event, and the rest."""
+    with requests.post(f"{cluster.spec.router_url}{path}", json=body, stream=True, timeout=120) as r:
+        events = (json.loads(line[5:]) for line in r.iter_lines()
+                  if line.startswith(b"data:") and line != b"data: [DONE]")
+        first = next(events)
+        assert cluster.lynx_state("decode")["speculating"] == 1, "the abort comes while the request speculates"
+        requests.post(f"{cluster.spec.decode_url}/abort_request", json={"rid": rid_of(first)}, timeout=60)
+        return first, list(events)
+
+
 def test_a_request_aborted_mid_speculation_shows_nothing_unverified_and_frees_its_kv(lynx_cluster):
     """SGLang's own abort (what its HTTP server does when a client leaves) on the decode worker, while
     the request decodes on the Anchor. (sglang-router 0.3.2 does not pass a client's disconnect on to
@@ -326,18 +338,42 @@ def test_a_request_aborted_mid_speculation_shows_nothing_unverified_and_frees_it
     mode, cluster, timings = lynx_cluster
     only(mode, "lynx")
     body = {"model": "default", "prompt": MEDIUM, "max_tokens": 64, "stream": True, "temperature": 0}
-    with requests.post(f"{cluster.spec.router_url}/v1/completions", json=body, stream=True, timeout=120) as r:
-        events = (json.loads(line[5:]) for line in r.iter_lines()
-                  if line.startswith(b"data:") and line != b"data: [DONE]")
-        first = next(events)
-        assert cluster.lynx_state("decode")["speculating"] == 1, "the abort comes while the request speculates"
-        requests.post(f"{cluster.spec.decode_url}/abort_request", json={"rid": first["id"]}, timeout=60)
-        rest = list(events)
+    first, rest = abort_while_speculating(cluster, "/v1/completions", body, lambda event: event["id"])
     shown = first["choices"][0]["text"] + "".join(e["choices"][0]["text"] for e in rest if e.get("choices"))
     assert shown == first["choices"][0]["text"], "only the first (exact) token was shown"
     assert any(e.get("choices") and e["choices"][0]["finish_reason"] == "abort" or "error" in e for e in rest)
     record = decode_record(timings, first["id"])
     assert "failure" in record and "residual_applied" not in record
+
+
+@pytest.mark.parametrize("api", ["completions", "generate"])
+def test_a_request_aborted_mid_speculation_shows_no_logprob_past_its_verified_token(lynx_cluster, api):
+    """In the abort's decode step SGLang logs the decoded token's logprobs after Lynx has cut the request
+    back to its first token. No field (token logprobs, top logprobs, and on SGLang's own API the chosen
+    tokens' logprobs) holds more entries than that one verified token."""
+    mode, cluster, timings = lynx_cluster
+    only(mode, "lynx")
+    if api == "completions":  # each chunk carries its new entries
+        body = {"model": "default", "prompt": MEDIUM, "max_tokens": 64, "stream": True, "temperature": 0,
+                "logprobs": 3, "stream_options": {"include_usage": True}}
+        first, rest = abort_while_speculating(cluster, "/v1/completions", body, lambda event: event["id"])
+        rid = first["id"]
+        shown = [c["logprobs"] for e in [first, *rest] for c in e.get("choices") or [] if c.get("logprobs")]
+        counts = {f: sum(len(lp[f]) for lp in shown)
+                  for f in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        counts.update((f"usage {i}", e["usage"]["completion_tokens"]) for i, e in enumerate(rest) if e.get("usage"))
+    else:  # each event carries everything so far
+        body = {"text": MEDIUM, "stream": True, "sampling_params": {"max_new_tokens": 64, "temperature": 0},
+                "return_logprob": True, "top_logprobs_num": 3, "token_ids_logprob": [0, 1]}
+        first, rest = abort_while_speculating(cluster, "/generate", body, lambda event: event["meta_info"]["id"])
+        rid = first["meta_info"]["id"]
+        metas = [e["meta_info"] for e in [first, *rest] if "meta_info" in e]
+        counts = {f: max(len(m.get(f) or []) for m in metas)
+                  for f in ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")}
+        counts["completion_tokens"] = max(m["completion_tokens"] for m in metas)
+    record = decode_record(timings, rid)
+    assert "failure" in record and "residual_applied" not in record, "only the first token was verified"
+    assert all(n <= 1 for n in counts.values()), counts
 
 
 def test_speculation_counters_are_exported_with_sglang_s_prometheus_metrics(lynx_cluster):

@@ -270,3 +270,45 @@ def test_a_verified_run_that_stops_before_its_bonus_token_has_logprobs_for_its_o
     exact_logprobs = torch.log_softmax(exact, dim=-1)
     assert req.logprob.output_token_logprobs_val[1:] == pytest.approx([exact_logprobs[0, 6].item(),
                                                                         exact_logprobs[1, 7].item()])
+
+
+def with_lynx_hooks(target: str):
+    """SGLang's function at ``target``, wrapped as SGLang's hook registry wraps it in the hooks that
+    ``lynx`` mode registers there."""
+    import pkgutil
+
+    from sglang.srt.plugins.hook_registry import _wrap_fn
+
+    from sglang_lynx.plugin import lynx_hooks
+
+    function = pkgutil.resolve_name(target)
+    for hooked, hook, kind in lynx_hooks("lynx"):
+        if hooked == target:
+            function = _wrap_fn(function, hook, kind)
+    return function
+
+
+def test_an_abort_mid_speculation_leaves_no_logprob_past_the_verified_first_token(monkeypatch):
+    """One request's share of SGLang's decode step (``process_batch_result_decode``), in SGLang's order,
+    when an abort comes while it speculates: the decoded token is appended, ``update_finish_state`` ends
+    the request (Lynx cuts it back to its first token), then the decoded token's logprobs are logged."""
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from sglang_lynx.speculation import hooks
+
+    req = speculating_req([5, 6, 7])
+    monkeypatch.setattr(hooks, "_speculator", speculating(req))
+    req.to_finish = FINISH_ABORT()
+    req.output_ids.append(8)
+    with_lynx_hooks("sglang.srt.managers.schedule_batch.Req.update_finish_state")(req, 1)
+    decoded = SimpleNamespace(next_token_top_logprobs_val=[[-0.5, -2.0]], next_token_top_logprobs_idx=[[8, 0]],
+                              next_token_token_ids_logprobs_val=[[-3.0, -3.0]],
+                              next_token_token_ids_logprobs_idx=[[0, 1]])
+    with_lynx_hooks("sglang.srt.managers.scheduler_components.batch_result_processor."
+                    "SchedulerBatchResultProcessor._apply_decode_logprobs")(
+        None, req=req, i=0, batch=SimpleNamespace(spec_algorithm=SpeculativeAlgorithm.NONE), next_token_id=[8],
+        next_token_logprobs=[-0.5], logits_output=decoded)
+    assert req.finished() and list(req.output_ids) == [5]
+    assert {name: len(values) for name, values in logprob_lists(req).items()} == dict.fromkeys(logprob_lists(req), 1)
+    assert req.logprob.output_token_logprobs_idx == [5]

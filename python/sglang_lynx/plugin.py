@@ -50,6 +50,8 @@ and in ``lynx`` mode, speculation (``sglang_lynx.speculation.hooks``):
                                                                            Residual landed, re-admit
 ``Req.update_finish_state``                                        AROUND  a stop on a speculated
                                                                            token only pauses
+``SchedulerBatchResultProcessor._apply_decode_logprobs``           AFTER   no logprob for the token an
+                                                                           abort just dropped
 ``SchedulerOutputStreamer.stream_output``                          AROUND  stream verified tokens only
 ``Scheduler.update_running_batch``                                 AROUND  pause at the cap
 ``ScheduleBatch.retract_decode``                                   AROUND  pause, never retract,
@@ -130,6 +132,8 @@ def lynx_hooks(mode: str) -> list:
             (f"{DISAGG}.decode.SchedulerDisaggregationDecodeMixin.process_decode_queue", spec.verify_landed,
              HookType.AFTER),
             (f"{MANAGERS}.schedule_batch.Req.update_finish_state", spec.guard_finish, HookType.AROUND),
+            ((f"{MANAGERS}.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
+              "._apply_decode_logprobs"), spec.log_kept_tokens_only, HookType.AFTER),
             (f"{MANAGERS}.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
              spec.stream_verified, HookType.AROUND),
             (f"{MANAGERS}.scheduler.Scheduler.update_running_batch", spec.pause_at_cap, HookType.AROUND),

@@ -7,7 +7,7 @@ from typing import Optional
 
 from sglang_lynx.config import LynxConfig
 from sglang_lynx.speculation import verify
-from sglang_lynx.speculation.speculator import Speculator
+from sglang_lynx.speculation.speculator import Speculator, truncate_logprobs
 
 RESIDUAL_POLL_S = 0.005  # an idle decode worker waiting for Residuals wakes at least this often
 
@@ -47,6 +47,15 @@ def guard_finish(original, req, new_accepted_len: int = 1):
     if not _speculating():
         return original(req, new_accepted_len)
     return _speculator.guard_finish(original, req, new_accepted_len)
+
+
+def log_kept_tokens_only(result, processor, *args, req, **kwargs):
+    """AFTER ``SchedulerBatchResultProcessor._apply_decode_logprobs``, which SGLang runs after
+    ``Req.update_finish_state``: where an abort there cut a speculating request back to its verified
+    tokens, the logprobs just logged are those of a token it no longer has. Every request passes:
+    the aborted one's record is gone by now, and any other has no more logprobs than output tokens."""
+    truncate_logprobs(req, len(req.output_ids))
+    return result
 
 
 def stream_verified(original, streamer, reqs, *args, **kwargs):

@@ -274,7 +274,7 @@ class Speculator:
         del self.records[req.rid]
         req.output_ids = req.output_ids[:VERIFIED]
         if req.return_logprob:
-            _truncate_logprobs(req, VERIFIED)
+            truncate_logprobs(req, VERIFIED)
         rec.anchored.close(speculated=rec.speculated, **fields)
 
 
@@ -282,7 +282,8 @@ _LOGPROB_LISTS = ("output_token_logprobs_val", "output_token_logprobs_idx", "out
                   "output_top_logprobs_idx", "output_token_ids_logprobs_val", "output_token_ids_logprobs_idx")
 
 
-def _truncate_logprobs(req, n: int) -> None:
+def truncate_logprobs(req, n: int) -> None:
+    """Keep the logprobs of ``req``'s first ``n`` output tokens."""
     for name in _LOGPROB_LISTS:
         values = getattr(req.logprob, name)
         if values is not None:
@@ -296,7 +297,7 @@ def _replace_logprobs(req, rows: torch.Tensor, params: SamplingParams) -> None:
     can go on past a stop (EOS, stop string, ``max_tokens``), and those are no output."""
     lp = req.logprob
     tokens = req.output_ids_through_stop[VERIFIED:]
-    _truncate_logprobs(req, VERIFIED)
+    truncate_logprobs(req, VERIFIED)
     temperature = 1.0 if params.greedy else params.temperature
     logprobs = torch.log_softmax(rows[: len(tokens)].float() / temperature, dim=-1)
     logprobs.clamp_(min=torch.finfo(logprobs.dtype).min)
