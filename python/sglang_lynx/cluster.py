@@ -128,9 +128,12 @@ class _ProcessGroup:
     def start(self) -> None:
         raise NotImplementedError
 
-    def stop(self, grace: float = 15) -> None:
+    def stop(self, grace: float = 5) -> None:
+        # SIGTERM to each leader only: SGLang's launcher then stops its own children, where a signal to
+        # the whole group kills its scheduler first and sends the launcher into 5 s of crash diagnostics.
+        # sglang-router waits for open client connections past any grace: it is killed with the rest.
         for proc in self.procs.values():
-            _signal_group(proc.pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self.procs.values():
             try:
@@ -239,9 +242,8 @@ class PDCluster(_ProcessGroup):
         self.spawn("prefill", self._worker_cmd("prefill"))
         for name in spec.decode_urls:
             self.spawn(name, self._worker_cmd(name))
-        deadline = time.monotonic() + timeout
-        for name, url in self.urls.items():
-            self.wait_healthy(name, url, deadline)
+        # The router starts beside the workers (its own start-up takes seconds) and admits each one
+        # once it answers.
         decodes = [arg for url in spec.decode_urls.values() for arg in ("--decode", url)]
         self.spawn("router", [
             sys.executable, "-m", "sglang_router.launch_router",
@@ -255,12 +257,17 @@ class PDCluster(_ProcessGroup):
             # /health answers within SGLANG_HEALTH_CHECK_TIMEOUT (compat.cpu: 300 s).
             "--health-check-interval-secs", "10",
             "--health-check-timeout-secs", "300",
-            # The workers are healthy already: route at the first check, not the second, 10 s later.
+            # Route to a worker at its first passing check, not the second, 10 s later; look for
+            # starting workers every second (default 30).
             "--health-success-threshold", "1",
+            "--worker-startup-check-interval", "1",
             # With one worker per role an open circuit refuses every request for a minute;
             # a failing request already reports its own error.
             "--disable-circuit-breaker",
         ])
+        deadline = time.monotonic() + timeout
+        for name, url in self.urls.items():
+            self.wait_healthy(name, url, deadline)
         self.wait_healthy("router", spec.router_url, deadline)
         self._wait_routable(deadline)
 
@@ -271,10 +278,10 @@ class PDCluster(_ProcessGroup):
         info = urllib.request.urlopen(f"{self.urls[name]}/server_info", timeout=30)
         return json.load(info)["internal_states"][0]["lynx"]
 
-    def books(self) -> dict[str, Optional[dict]]:
-        """What each live worker holds now (None: it does not answer, e.g. paused)."""
+    def books(self, names: Optional[list[str]] = None) -> dict[str, Optional[dict]]:
+        """What each live worker (of ``names``, default all) holds now (None: it does not answer, e.g. paused)."""
         books = {}
-        for name in self.urls:
+        for name in names or self.urls:
             if name not in self.procs:
                 continue
             try:
