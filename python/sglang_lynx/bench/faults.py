@@ -123,10 +123,11 @@ def send(url: str, prompts: list[str], expected: list[str], req: Request, ttft_s
 # --- the phases a fault strikes in ---------------------------------------------------------------
 
 
-def wait_for(pd: PDCluster, phase: Callable[[dict], bool], timeout: float = 120) -> None:
-    """Poll the workers until ``phase(pd.books())`` holds."""
+def wait_for(pd: PDCluster, phase: Callable[[dict], bool], timeout: float = 120,
+             workers: Optional[list[str]] = None) -> None:
+    """Poll the workers (or only ``workers``) until ``phase(pd.books(workers))`` holds."""
     deadline = time.monotonic() + timeout
-    while not phase(pd.books()):
+    while not phase(pd.books(workers)):
         if time.monotonic() > deadline:
             raise RuntimeError(f"the requests never reached the phase {phase.__name__}")
         time.sleep(0.05)
@@ -143,8 +144,8 @@ def residuals_streaming(state: dict) -> bool:
 
 
 def at_cap(state: dict) -> bool:
-    """A request has speculated all it may and waits for its Residual, which prefill still sends."""
-    return _residuals_due(state) and any(s and s["paused"] for n, s in state.items() if n != "prefill")
+    """A request has speculated all it may and waits for its Residual."""
+    return any(s and s["paused"] for n, s in state.items() if n != "prefill")
 
 
 def _residuals_due(state: dict) -> bool:
@@ -182,6 +183,15 @@ def kill_prefill_when(phase: Callable[[dict], bool]):
         wait_for(pd, phase)
         pd.kill("prefill")
     return strike
+
+
+def kill_prefill_at_cap(pd: PDCluster) -> None:
+    """Once a request speculates, prefill's sender stops (SIGSTOP), so the request reaches its cap with
+    its Residual still due, whatever the pace of decode and link; then prefill is killed."""
+    wait_for(pd, residuals_streaming)
+    pd.pause("prefill", "sglang::scheduler")
+    wait_for(pd, at_cap, workers=[name for name in pd.urls if name != "prefill"])
+    pd.kill("prefill")
 
 
 def restart_prefill(pd: PDCluster) -> None:
@@ -261,7 +271,7 @@ SCENARIOS = [
              error_pattern=LOST_PREFILL),
     Scenario("prefill-killed-speculating", "prefill SIGKILLed while decode speculates at its cap, waiting for "
              "Residuals", "as above", 60, mixed,
-             kill_prefill_when(at_cap), recover=restart_prefill,
+             kill_prefill_at_cap, recover=restart_prefill,
              error_pattern=LOST_PREFILL),
     # Last: the killed decode worker stays down.
     Scenario("decode-killed", "one of two decode workers SIGKILLed while prefill sends to both",
