@@ -23,9 +23,9 @@ from conftest import POOL_ARGS
 
 pytestmark = pytest.mark.e2e
 
-LENGTHS = random.Random(0).sample([256 + (2048 - 256) * i // 15 for i in range(16)], 16)
+LENGTHS = random.Random(0).sample([128 + (1024 - 128) * i // 15 for i in range(16)], 16)
 MAX_TOKENS = 8
-STAGING_MB = 48  # 65 rows of a 64-token page (774 kB each here): two 2048-token prompts
+STAGING_MB = 24  # 32 rows of a 64-token page (774 kB each here): two 1024-token prompts
 MODES = {  # int8 first: lynx answers as it does
     "int8": LynxConfig(mode="int8", staging_mb=STAGING_MB),
     "lynx": LynxConfig(mode="lynx", staging_mb=STAGING_MB, bandwidth_mbps=400),

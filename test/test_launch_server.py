@@ -7,19 +7,24 @@ import sys
 
 import pytest
 
+from sglang_lynx import plugin
 from sglang_lynx.config import LynxConfig
 
 LAUNCHERS = ["sglang_lynx.launch_server", "sglang.launch_server"]
 
 
-def sglang_args(*argv: str) -> argparse.Namespace:
-    """argv parsed as SGLang's parser does once the plugin has added the Lynx flags to it."""
+def sglang_args(*argv: str, model_path: str = "m", plugin_defaults: bool = False) -> argparse.Namespace:
+    """argv parsed as SGLang's parser does once the plugin has added the Lynx flags to it (and, with
+    ``plugin_defaults``, a CPU's defaults, as a launcher's parser has them)."""
     from sglang.srt.server_args import ServerArgs
 
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
-    LynxConfig.add_cli_args(parser)
-    return parser.parse_args(["--model-path", "m", *argv])
+    if plugin_defaults:
+        plugin._add_lynx_flags(None, parser)
+    else:
+        LynxConfig.add_cli_args(parser)
+    return parser.parse_args(["--model-path", model_path, *argv])
 
 
 def implied(*argv: str) -> tuple[argparse.Namespace, list[str]]:
@@ -62,10 +67,16 @@ def test_bad_lynx_flag_exits_with_a_clear_error_before_starting_anything(launche
     (["--lynx-mode", "raw", "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "nixl"],
      "runs on the Mooncake transfer engine"),
 ])
-def test_lynx_modes_refuse_sglang_settings_they_cannot_work_with(model_path, argv, message):
-    result = run_launcher(LAUNCHERS[0], "--model-path", model_path, *argv)
-    assert result.returncode == 2
-    assert message in result.stderr
+def test_lynx_modes_refuse_sglang_settings_they_cannot_work_with(model_path, argv, message, capsys):
+    """What a launcher's ServerArgs.from_cli_args does with these flags, hooked by the plugin (the
+    launchers themselves exit on a bad flag, above)."""
+    from sglang.srt.server_args import ServerArgs
+
+    with pytest.raises(SystemExit) as exited:
+        plugin._read_lynx_flags(lambda cls, args: cls.from_cli_args(args), ServerArgs,
+                                sglang_args(*argv, model_path=model_path, plugin_defaults=True))
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
