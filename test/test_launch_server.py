@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sglang_lynx.config import MODES, LynxConfig, LynxConfigError
+from sglang_lynx.config import ENV_VAR, MODES, LynxConfig, LynxConfigError
 
 LAUNCHERS = ["sglang_lynx.launch_server", "sglang.launch_server"]
 
@@ -84,6 +84,22 @@ def test_mode_off_leaves_every_sglang_setting_to_sglang():
 def test_a_kv_cache_dtype_that_is_the_model_dtype_is_taken():
     for argv in (["--kv-cache-dtype", "auto"], ["--kv-cache-dtype", "bfloat16", "--dtype", "bfloat16"]):
         checked("lynx", "--disaggregation-mode", "decode", *argv)
+
+
+def test_a_lynx_mode_refuses_to_start_on_an_sglang_it_is_not_tested_with_and_mode_off_starts(monkeypatch, capsys):
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_lynx import plugin
+
+    monkeypatch.setattr(plugin, "SGLANG_VERSIONS", ">=0.6,<0.7")
+    monkeypatch.setenv(ENV_VAR, "")  # where the launcher leaves its config for the processes it starts
+    read_flags = lambda *argv: plugin._read_lynx_flags(ServerArgs.from_cli_args.__func__, ServerArgs,
+                                                       sglang_args(*argv))
+    with pytest.raises(SystemExit) as refusal:
+        read_flags("--lynx", "--disaggregation-mode", "decode")
+    assert refusal.value.code == 2
+    assert "error: --lynx-mode lynx runs on sglang>=0.6,<0.7" in capsys.readouterr().err
+    assert read_flags("--lynx-mode", "off").model_path == "m"
 
 
 def run_launcher(launcher: str, *argv: str) -> subprocess.CompletedProcess:
