@@ -46,6 +46,19 @@ def test_a_scheduler_of_a_lynx_mode_refuses_to_start_rather_than_run_half_hooked
     assert "error: --lynx-mode int8 runs on sglang>=0.6,<0.7" in capsys.readouterr().err
 
 
+def test_lynx_modes_turn_off_early_cached_prefix_sending_and_host_tensor_indices_and_say_so_once(monkeypatch):
+    from sglang.srt.disaggregation.mooncake import conn
+    from sglang.srt.environ import envs
+
+    early_send = envs.SGLANG_DISAGG_PREFILL_EARLY_SEND_CACHED_PREFIX
+    monkeypatch.setenv(early_send.name, "1")  # SGLang's defaults on a GPU
+    monkeypatch.setattr(conn.MooncakeKVSender, "supports_host_tensor_indices", True)
+    notices = plugin.use_tested_transfer_settings("lynx")
+    assert not early_send.get() and not conn.MooncakeKVSender.supports_host_tensor_indices
+    assert len(notices) == 1 and "no cached prefix early" in notices[0] and "no host tensor indices" in notices[0]
+    assert plugin.use_tested_transfer_settings("lynx") == []  # already off, as on a CPU: nothing to say
+
+
 def test_speculation_hooks_are_registered_in_lynx_mode_only():
     names = lambda mode: {hook.__module__ for _, hook, _ in lynx_hooks(mode)}
     assert "sglang_lynx.speculation.hooks" in names("lynx")

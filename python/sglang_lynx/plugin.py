@@ -64,13 +64,15 @@ and in ``lynx`` mode, speculation (``sglang_lynx.speculation.hooks``):
 =================================================================  ======  ============================
 
 A Lynx mode refuses to start on an SGLang outside the tested releases or without one of these
-targets (:func:`check_sglang`).
+targets (:func:`check_sglang`), and turns off two prefill options it has never run with
+(:func:`use_tested_transfer_settings`).
 """
 
 import contextlib
 import functools
 import importlib.metadata
 import logging
+import os
 import pkgutil
 import sys
 
@@ -94,6 +96,8 @@ def load() -> None:
         if config.enabled:
             check_sglang(config.mode)  # a scheduler refuses rather than run half-hooked
     cpu.patch_sglang()
+    if config.enabled:
+        use_tested_transfer_settings(config.mode)
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     for target, hook, kind in flag_hooks() + (lynx_hooks(config.mode) if config.enabled else []):
@@ -138,6 +142,24 @@ def _refusal_exits():
     except LynxConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def use_tested_transfer_settings(mode: str) -> list[str]:
+    """Turn off, in this process and the processes it starts, the SGLang prefill options Lynx has only run
+    without (a CPU cannot take them): sending a request's cached prefix ahead of its forward, and transfer
+    indices copied to host memory behind a CUDA event, which ``add_transfer_request`` would read (np.asarray)
+    without waiting for it. Returns the notice to print where SGLang would have used them."""
+    from sglang.srt.disaggregation.mooncake import conn
+    from sglang.srt.environ import envs
+
+    early_send = envs.SGLANG_DISAGG_PREFILL_EARLY_SEND_CACHED_PREFIX
+    changed = early_send.get() or conn.MooncakeKVSender.supports_host_tensor_indices
+    os.environ[early_send.name] = "0"
+    conn.MooncakeKVSender.supports_host_tensor_indices = False
+    if not changed:
+        return []
+    return [f"--lynx-mode {mode}: prefill sends no cached prefix early ({early_send.name}=0) and computes "
+            f"transfer indices on the spot (no host tensor indices): Lynx is tested without them"]
 
 
 def flag_hooks() -> list:
@@ -217,6 +239,8 @@ def _read_lynx_flags(original, cls, args):
         notices = config.imply(args)
         server_args = original(cls, args)
         config.check_server_args(server_args)
+    if config.enabled:
+        notices += use_tested_transfer_settings(config.mode)
     for notice in notices:
         print(f"lynx: {notice}", file=sys.stderr)
     config.to_env()
