@@ -44,7 +44,7 @@ def test_a_lynx_decode_worker_schedules_without_overlap_and_says_so():
 
 
 def checked(mode: str, *argv: str) -> None:
-    """What the launcher does with a worker's argv in ``mode``: imply, then check against SGLang's arguments."""
+    """A worker's argv in ``mode`` checked against SGLang's arguments, once the mode's implied settings are set."""
     from sglang.srt.server_args import ServerArgs
 
     args = sglang_args("--lynx-mode", mode, *argv)
@@ -86,20 +86,25 @@ def test_a_kv_cache_dtype_that_is_the_model_dtype_is_taken():
         checked("lynx", "--disaggregation-mode", "decode", *argv)
 
 
-def test_a_lynx_mode_refuses_to_start_on_an_sglang_it_is_not_tested_with_and_mode_off_starts(monkeypatch, capsys):
+def launcher_server_args(*argv: str):
+    """SGLang's ServerArgs.from_cli_args on argv, through the plugin's hook, as in a launcher."""
     from sglang.srt.server_args import ServerArgs
 
+    from sglang_lynx.plugin import _read_lynx_flags
+
+    return _read_lynx_flags(ServerArgs.from_cli_args.__func__, ServerArgs, sglang_args(*argv))
+
+
+def test_a_lynx_mode_refuses_to_start_on_an_sglang_it_is_not_tested_with_and_mode_off_starts(monkeypatch, capsys):
     from sglang_lynx import plugin
 
     monkeypatch.setattr(plugin, "SGLANG_VERSIONS", ">=0.6,<0.7")
     monkeypatch.setenv(ENV_VAR, "")  # where the launcher leaves its config for the processes it starts
-    read_flags = lambda *argv: plugin._read_lynx_flags(ServerArgs.from_cli_args.__func__, ServerArgs,
-                                                       sglang_args(*argv))
     with pytest.raises(SystemExit) as refusal:
-        read_flags("--lynx", "--disaggregation-mode", "decode")
+        launcher_server_args("--lynx", "--disaggregation-mode", "decode")
     assert refusal.value.code == 2
     assert "error: --lynx-mode lynx runs on sglang>=0.6,<0.7" in capsys.readouterr().err
-    assert read_flags("--lynx-mode", "off").model_path == "m"
+    assert launcher_server_args("--lynx-mode", "off").model_path == "m"
 
 
 def run_launcher(launcher: str, *argv: str) -> subprocess.CompletedProcess:

@@ -223,8 +223,10 @@ def test_a_worker_with_any_kv_pool_but_a_plain_per_layer_one_of_floats_fails_at_
     from sglang_lynx.streams.mooncake import LynxKVManager
 
     manager = LynxKVManager.__new__(LynxKVManager)  # what attaching needs, without SGLang's engine
-    manager.lynx, manager.engine = LynxConfig(mode="int8", staging_mb=1), types.SimpleNamespace(register=lambda ptr, n: None)
+    manager.lynx = LynxConfig(mode="int8", staging_mb=1)
+    manager.engine = types.SimpleNamespace(register=lambda ptr, n: None)
     manager.attach_pool(sglang_pool())
+    # The class alone decides for these: no memory needed.
     unfit = [object.__new__(cls) for cls in (MLATokenToKVPool, SWAKVPool, PageMajorMHATokenToKVPool)]
     unfit.append(sglang_pool(torch.float8_e5m2))
     monkeypatch.setenv("SGLANG_USE_HND_KVCACHE", "1")

@@ -190,12 +190,13 @@ class LynxConfig:
                 f"alone when a Residual has landed, which rows are free and when to verify, and the verify "
                 f"forward's collectives would then run on some ranks only (a hang); run one rank per worker"
             )
-        kv_dtype = server_args.kv_cache_dtype
-        if kv_dtype != "auto" and not (kv_dtype in ("bf16", "bfloat16") and server_args.dtype == "bfloat16"):
+        kv_dtype, bf16 = server_args.kv_cache_dtype, ("bf16", "bfloat16")
+        if kv_dtype != "auto" and not (kv_dtype in bf16 and server_args.dtype == "bfloat16"):
+            holds = (f"bfloat16 K/V beside a --dtype {server_args.dtype} model" if kv_dtype in bf16
+                     else f"{kv_dtype} codes")
             raise LynxConfigError(
-                f"--lynx-mode {self.mode} cannot be combined with --kv-cache-dtype {kv_dtype} (model --dtype "
-                f"{server_args.dtype}): Lynx's codec reads float K/V of the model's dtype from the KV pool, which "
-                f"would hold {kv_dtype} values (fp8 and fp4 as uint8 codes); use --kv-cache-dtype auto"
+                f"--lynx-mode {self.mode} cannot be combined with --kv-cache-dtype {kv_dtype}: the KV pool would "
+                f"hold {holds}, and Lynx's codec reads K/V as floats of the model's dtype; use --kv-cache-dtype auto"
             )
         pool_flags = [flag for flag, on in (
             ("--enable-unified-memory", server_args.enable_unified_memory),
