@@ -2,13 +2,14 @@
 the same through the project's launcher and SGLang's."""
 
 import argparse
+import re
 import subprocess
 import sys
 
 import pytest
 
 from sglang_lynx import plugin
-from sglang_lynx.config import LynxConfig
+from sglang_lynx.config import ENV_VAR, MODES, LynxConfig, LynxConfigError
 
 LAUNCHERS = ["sglang_lynx.launch_server", "sglang.launch_server"]
 
@@ -47,6 +48,70 @@ def test_a_lynx_decode_worker_schedules_without_overlap_and_says_so():
         assert not args.disable_overlap_schedule and not notices
 
 
+def checked(mode: str, *argv: str) -> None:
+    """A worker's argv in ``mode`` checked against SGLang's arguments, once the mode's implied settings are set."""
+    from sglang.srt.server_args import ServerArgs
+
+    args = sglang_args("--lynx-mode", mode, *argv)
+    config = LynxConfig.from_cli_args(args)
+    config.imply(args)
+    config.check_server_args(ServerArgs.from_cli_args(args))
+
+
+UNSUPPORTED = [
+    (["--tp-size", "2"], "--tp-size 2 is not supported by Lynx yet"),
+    (["--pp-size", "2"], "--pp-size 2 is not supported by Lynx yet"),
+    (["--dp-size", "2"], "--dp-size 2 is not supported by Lynx yet"),
+    (["--attn-dp-size", "2"], "--attn-dp-size 2 is not supported by Lynx yet"),
+    (["--enable-dp-attention"], "--enable-dp-attention is not supported by Lynx yet"),
+    (["--kv-cache-dtype", "fp8_e4m3"], "cannot be combined with --kv-cache-dtype fp8_e4m3"),
+    (["--kv-cache-dtype", "bf16", "--dtype", "float32"], "cannot be combined with --kv-cache-dtype bf16"),
+    (["--disaggregation-decode-enable-offload-kvcache"],
+     "cannot be combined with --disaggregation-decode-enable-offload-kvcache: decode could offload Anchor-precision"),
+    (["--enable-unified-memory"], "cannot be combined with --enable-unified-memory: Lynx reads and writes a plain"),
+    (["--enable-page-major-kv-layout"], "cannot be combined with --enable-page-major-kv-layout"),
+    (["--enable-hisparse"], "cannot be combined with --enable-hisparse"),
+]
+
+
+@pytest.mark.parametrize("argv, message", UNSUPPORTED, ids=[" ".join(argv) for argv, _ in UNSUPPORTED])
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "off"])
+def test_every_lynx_mode_refuses_several_ranks_a_kv_pool_not_of_the_model_dtype_and_other_pools(mode, argv, message):
+    for role in ("prefill", "decode"):
+        with pytest.raises(LynxConfigError, match=re.escape(message)):
+            checked(mode, "--disaggregation-mode", role, *argv)
+
+
+def test_mode_off_leaves_every_sglang_setting_to_sglang():
+    checked("off", *(flag for argv, _ in UNSUPPORTED for flag in argv))
+
+
+def test_a_kv_cache_dtype_that_is_the_model_dtype_is_taken():
+    for argv in (["--kv-cache-dtype", "auto"], ["--kv-cache-dtype", "bfloat16", "--dtype", "bfloat16"]):
+        checked("lynx", "--disaggregation-mode", "decode", *argv)
+
+
+def launcher_server_args(*argv: str):
+    """SGLang's ServerArgs.from_cli_args on argv, through the plugin's hook, as in a launcher."""
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_lynx.plugin import _read_lynx_flags
+
+    return _read_lynx_flags(ServerArgs.from_cli_args.__func__, ServerArgs, sglang_args(*argv))
+
+
+def test_a_lynx_mode_refuses_to_start_on_an_sglang_it_is_not_tested_with_and_mode_off_starts(monkeypatch, capsys):
+    from sglang_lynx import plugin
+
+    monkeypatch.setattr(plugin, "SGLANG_VERSIONS", ">=0.6,<0.7")
+    monkeypatch.setenv(ENV_VAR, "")  # where the launcher leaves its config for the processes it starts
+    with pytest.raises(SystemExit) as refusal:
+        launcher_server_args("--lynx", "--disaggregation-mode", "decode")
+    assert refusal.value.code == 2
+    assert "error: --lynx-mode lynx runs on sglang>=0.6,<0.7" in capsys.readouterr().err
+    assert launcher_server_args("--lynx-mode", "off").model_path == "m"
+
+
 def run_launcher(launcher: str, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", launcher, *argv], capture_output=True, text=True, timeout=300)
 
@@ -77,6 +142,14 @@ def test_lynx_modes_refuse_sglang_settings_they_cannot_work_with(model_path, arg
                                 sglang_args(*argv, model_path=model_path, plugin_defaults=True))
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_decode_worker_with_an_fp8_kv_cache_exits_at_once_naming_the_flag(model_path):
+    # Lynx refuses it before SGLang's own "not supported on CPU", which comes only once the model loads.
+    result = run_launcher(LAUNCHERS[0], "--model-path", model_path, "--lynx-mode", "lynx",
+                          "--disaggregation-mode", "decode", "--kv-cache-dtype", "fp8_e5m2")
+    assert result.returncode == 2
+    assert "cannot be combined with --kv-cache-dtype fp8_e5m2" in result.stderr
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

@@ -208,6 +208,37 @@ def test_staging_defaults_to_a_share_of_the_kv_pool_set_aside_before_sglang_size
     assert set_mb.staging_nbytes(10**9) == set_mb.staging_reserve(budget) == 64 << 20
 
 
+def sglang_pool(dtype=torch.float32):
+    """A small KV pool of SGLang's own, on the CPU."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    return MHATokenToKVPool(size=128, page_size=64, dtype=dtype, head_num=2, head_dim=8, layer_num=2,
+                            device="cpu", enable_memory_saver=False)
+
+
+def test_a_worker_with_any_kv_pool_but_a_plain_per_layer_one_of_floats_fails_at_start_naming_it(monkeypatch):
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool, PageMajorMHATokenToKVPool
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
+    from sglang_lynx.streams.mooncake import LynxKVManager
+
+    manager = LynxKVManager.__new__(LynxKVManager)  # what attaching needs, without SGLang's engine
+    manager.lynx = LynxConfig(mode="int8", staging_mb=1)
+    manager.engine = types.SimpleNamespace(register=lambda ptr, n: None)
+    manager.attach_pool(sglang_pool())
+    # The class alone decides for these: no memory needed.
+    unfit = [object.__new__(cls) for cls in (MLATokenToKVPool, SWAKVPool, PageMajorMHATokenToKVPool)]
+    unfit.append(sglang_pool(torch.float8_e5m2))
+    monkeypatch.setenv("SGLANG_USE_HND_KVCACHE", "1")
+    unfit.append(sglang_pool())
+    for pool, named in zip(unfit, ["MLATokenToKVPool.", "SWAKVPool.", "PageMajorMHATokenToKVPool.",
+                                   "MHATokenToKVPool of torch.float8_e5m2.", "MHATokenToKVPool laid out hnd."]):
+        with pytest.raises(LynxConfigError, match=re.escape(
+                f"--lynx-mode int8 needs a plain per-layer K/V pool (one K and one V buffer of float tokens per "
+                f"layer); this worker's KV pool is a {named} --lynx-mode off serves this model without Lynx")):
+            manager.attach_pool(pool)
+
+
 def test_row_runs_address_each_row_range():
     assert row_runs([2, 0], [1, 3], 1000, 5000, 100, 32, 10) == [(1232, 5132, 10), (1032, 5332, 10)]
 

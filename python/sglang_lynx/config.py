@@ -23,6 +23,8 @@ QUANTIZED_MODES = ("int8", "int4", "lynx")
 ANCHOR_BITS = range(2, 7)  # 2..6; the Residual gets the other 8 - A bits
 # Default staging area: this share of the KV pool (rows hold only the KV in flight).
 STAGING_SHARE = 0.05
+# The only KV pool Lynx is built on (SGLang's MHATokenToKVPool, checked when a worker attaches to it).
+PLAIN_POOL = "a plain per-layer K/V pool (one K and one V buffer of float tokens per layer)"
 
 
 class LynxConfigError(ValueError):
@@ -171,6 +173,39 @@ class LynxConfig:
             raise LynxConfigError(
                 f"--lynx-mode {self.mode} cannot be combined with "
                 f"--disaggregation-decode-enable-radix-cache: the decode cache would keep quantized KV"
+            )
+        if server_args.disaggregation_decode_enable_offload_kvcache:
+            raise LynxConfigError(
+                f"--lynx-mode {self.mode} cannot be combined with --disaggregation-decode-enable-offload-kvcache: "
+                f"decode could offload Anchor-precision KV to a cache that prefill later reuses"
+            )
+        ranks = [f"{flag} {size}" for flag, size in (
+            ("--tp-size", server_args.tp_size), ("--pp-size", server_args.pp_size),
+            ("--dp-size", server_args.dp_size), ("--attn-dp-size", server_args.attn_dp_size)) if size > 1]
+        if server_args.enable_dp_attention:
+            ranks.append("--enable-dp-attention")
+        if ranks:
+            raise LynxConfigError(
+                f"{' '.join(ranks)} is not supported by Lynx yet (--lynx-mode {self.mode}): each rank would decide "
+                f"alone when a Residual has landed, which rows are free and when to verify, and the verify "
+                f"forward's collectives would then run on some ranks only (a hang); run one rank per worker"
+            )
+        kv_dtype, bf16 = server_args.kv_cache_dtype, ("bf16", "bfloat16")
+        if kv_dtype != "auto" and not (kv_dtype in bf16 and server_args.dtype == "bfloat16"):
+            holds = (f"bfloat16 K/V beside a --dtype {server_args.dtype} model" if kv_dtype in bf16
+                     else f"{kv_dtype} codes")
+            raise LynxConfigError(
+                f"--lynx-mode {self.mode} cannot be combined with --kv-cache-dtype {kv_dtype}: the KV pool would "
+                f"hold {holds}, and Lynx's codec reads K/V as floats of the model's dtype; use --kv-cache-dtype auto"
+            )
+        pool_flags = [flag for flag, on in (
+            ("--enable-unified-memory", server_args.enable_unified_memory),
+            ("--enable-page-major-kv-layout", server_args.enable_page_major_kv_layout),
+            ("--enable-hisparse", server_args.enable_hisparse)) if on]
+        if pool_flags:
+            raise LynxConfigError(
+                f"--lynx-mode {self.mode} cannot be combined with {' '.join(pool_flags)}: Lynx reads and writes "
+                f"{PLAIN_POOL}, and this gives the worker another KV pool"
             )
 
     # --- transport to child processes ---------------------------------------------------------

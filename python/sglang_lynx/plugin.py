@@ -62,10 +62,18 @@ and in ``lynx`` mode, speculation (``sglang_lynx.speculation.hooks``):
 ``Scheduler.abort_request``                                        AFTER   abort paused requests
 ``Scheduler.on_idle``                                              AFTER   sleep until a Residual lands
 =================================================================  ======  ============================
+
+A Lynx mode refuses to start on an SGLang outside the tested releases or without one of these
+targets (:func:`check_sglang`), and turns off two prefill options it has never run with
+(:func:`use_tested_transfer_settings`).
 """
 
+import contextlib
 import functools
+import importlib.metadata
 import logging
+import os
+import pkgutil
 import sys
 
 from sglang_lynx import admission
@@ -74,19 +82,84 @@ from sglang_lynx.config import LynxConfig, LynxConfigError
 
 DISAGG = "sglang.srt.disaggregation"
 MANAGERS = "sglang.srt.managers"
+# The SGLang releases the hooks were written for and tested with (pyproject.toml states the same range).
+SGLANG_VERSIONS = ">=0.5.23,<0.5.24"
 
 logger = logging.getLogger(__name__)
 
 
 def load() -> None:
     cpu.activate()
+    with _refusal_exits():
+        # A launcher parses the flags after this; the processes it starts find them in the environment.
+        config = LynxConfig.from_env()  # fails early, in every process, on a malformed config
+        if config.enabled:
+            check_sglang(config.mode)  # a scheduler refuses rather than run half-hooked
     cpu.patch_sglang()
+    if config.enabled:
+        use_tested_transfer_settings(config.mode)
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    # A launcher parses the flags after this; the processes it starts find them in the environment.
-    config = LynxConfig.from_env()  # fails early, in every process, on a malformed config
     for target, hook, kind in flag_hooks() + (lynx_hooks(config.mode) if config.enabled else []):
         HookRegistry.register(target, hook, kind)
+
+
+def check_sglang(mode: str) -> None:
+    """Refuse to run ``mode`` on an SGLang outside the tested releases or without a target Lynx hooks:
+    SGLang only logs a target it cannot find, and would serve with part of Lynx missing."""
+    from packaging.specifiers import SpecifierSet
+
+    version = importlib.metadata.version("sglang")
+    if version not in SpecifierSet(SGLANG_VERSIONS):
+        raise LynxConfigError(f"--lynx-mode {mode} runs on sglang{SGLANG_VERSIONS} (the releases it is tested "
+                              f"with); found sglang {version}. --lynx-mode off serves without Lynx")
+    missing = [target for target in hook_targets(mode) if not _resolves(target)]
+    if missing:
+        raise LynxConfigError(f"--lynx-mode {mode} hooks what sglang {version} does not have: "
+                              f"{', '.join(missing)}. --lynx-mode off serves without Lynx")
+
+
+def hook_targets(mode: str) -> list[str]:
+    """The SGLang target of every hook a process of this mode registers."""
+    hooks = flag_hooks() + (lynx_hooks(mode) if mode != "off" else []) + (cpu.hooks() if cpu.active() else [])
+    return [target for target, _, _ in hooks]
+
+
+def _resolves(target: str) -> bool:
+    owner, attribute = target.rsplit(".", 1)  # found as SGLang's HookRegistry finds it
+    try:
+        return hasattr(pkgutil.resolve_name(owner), attribute)
+    except (ImportError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def _refusal_exits():
+    """A refusal ends the process with its message and exit code 2, before anything starts. (SGLang logs any
+    other exception a plugin's load raises, and goes on without the plugin.)"""
+    try:
+        yield
+    except LynxConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def use_tested_transfer_settings(mode: str) -> list[str]:
+    """Turn off, in this process and the processes it starts, the SGLang prefill options Lynx has only run
+    without (a CPU cannot take them): sending a request's cached prefix ahead of its forward, and transfer
+    indices copied to host memory behind a CUDA event, which ``add_transfer_request`` would read (np.asarray)
+    without waiting for it. Returns the notice to print where SGLang would have used them."""
+    from sglang.srt.disaggregation.mooncake import conn
+    from sglang.srt.environ import envs
+
+    early_send = envs.SGLANG_DISAGG_PREFILL_EARLY_SEND_CACHED_PREFIX
+    changed = early_send.get() or conn.MooncakeKVSender.supports_host_tensor_indices
+    os.environ[early_send.name] = "0"
+    conn.MooncakeKVSender.supports_host_tensor_indices = False
+    if not changed:
+        return []
+    return [f"--lynx-mode {mode}: prefill sends no cached prefix early ({early_send.name}=0) and computes "
+            f"transfer indices on the spot (no host tensor indices): Lynx is tested without them"]
 
 
 def flag_hooks() -> list:
@@ -159,14 +232,15 @@ def _read_lynx_flags(original, cls, args):
     handed on (through the environment) to every process the launcher starts."""
     if not hasattr(args, "lynx_mode"):  # a parser SGLang built without add_cli_args
         return original(cls, args)
-    try:
+    with _refusal_exits():
         config = LynxConfig.from_cli_args(args)
+        if config.enabled:
+            check_sglang(config.mode)
         notices = config.imply(args)
         server_args = original(cls, args)
         config.check_server_args(server_args)
-    except LynxConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    if config.enabled:
+        notices += use_tested_transfer_settings(config.mode)
     for notice in notices:
         print(f"lynx: {notice}", file=sys.stderr)
     config.to_env()

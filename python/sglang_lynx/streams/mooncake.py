@@ -41,14 +41,16 @@ import time
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
+import torch
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.common.conn import ABORT_TAG
 from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
 from sglang.srt.disaggregation.utils import DisaggregationMode
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.utils.network import NetworkAddress
 
-from sglang_lynx.config import LynxConfig
+from sglang_lynx.config import PLAIN_POOL, LynxConfig, LynxConfigError
 from sglang_lynx.streams.rows import VERSION, StagingRows, row_runs, split_blocks
 from sglang_lynx.streams.scheduler import ANCHOR, RESIDUAL, Pacer, StreamScheduler
 from sglang_lynx.streams.timings import Timings
@@ -63,6 +65,23 @@ RESIDUAL_JOB_SECONDS = 0.02
 RESIDUAL_JOB_BYTES = (4 << 10, 1 << 20)  # bounds, whatever the link
 MAX_BLOCKS_PER_BATCH = 1024  # transfer blocks per Mooncake batch
 NO_PAGES = np.empty(0, dtype=np.int32)
+FLOAT_KV = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_pool(pool, mode: str) -> None:
+    """Refuse a KV pool other than the one Lynx reads and writes: SGLang's MHATokenToKVPool itself (its
+    subclasses lay pages out otherwise), token-major, in a float dtype. Which pool a worker gets depends
+    on the model, so this is known only once the pool exists."""
+    if type(pool) is not MHATokenToKVPool:
+        detail = ""
+    elif pool.kv_cache_layout != "nhd":
+        detail = f" laid out {pool.kv_cache_layout}"
+    elif pool.dtype not in FLOAT_KV:
+        detail = f" of {pool.dtype}"
+    else:
+        return
+    raise LynxConfigError(f"--lynx-mode {mode} needs {PLAIN_POOL}; this worker's KV pool is a "
+                          f"{type(pool).__name__}{detail}. --lynx-mode off serves this model without Lynx")
 
 
 class ResidualArrival(NamedTuple):
@@ -125,6 +144,7 @@ class LynxKVManager(MooncakeKVManager):
 
     def attach_pool(self, pool) -> None:
         """Allocate the staging area beside the KV pool and register it for transfers."""
+        check_pool(pool, self.lynx.mode)
         pool_nbytes = sum(b.numel() * b.element_size() for b in (*pool.k_buffer, *pool.v_buffer))
         self.rows = StagingRows(self.lynx, pool, pool.page_size, self.lynx.staging_nbytes(pool_nbytes))
         self.engine.register(self.rows.data_ptr, self.rows.nbytes)
