@@ -315,6 +315,8 @@ class PDCluster(_ProcessGroup):
 
     def restart(self, name: str, timeout: float = 600) -> None:
         """Start a killed worker again, as before, and wait until the router routes requests again."""
+        if name in self.procs:  # a fault that never struck: the live worker must not outlive its handle
+            self.kill(name)
         self.spawn(name, self.cmds[name])
         deadline = time.monotonic() + timeout
         self.wait_healthy(name, self.urls[name], deadline)
