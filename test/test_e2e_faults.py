@@ -17,9 +17,11 @@ every KV page and Lynx row; the cluster serves on.
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import requests
+import safetensors.torch
 
 from sglang_lynx.bench.faults import Context, fault_cluster_spec, run_suite
 from sglang_lynx.client import complete
@@ -28,9 +30,30 @@ from sglang_lynx.cluster import PDCluster, settled
 pytestmark = pytest.mark.e2e
 
 
+INF_PROMPT, INF_TOKEN = "A CMOS image sensor converts light into", 49100  # " CMOS": in no other prompt here
+
+
 @pytest.fixture(scope="module")
-def pd(model_path, tmp_path_factory):
-    with PDCluster(fault_cluster_spec(model_path, tmp_path_factory.mktemp("faults"))) as pd:
+def model_with_an_inf_token(model_path, tmp_path_factory) -> str:
+    """The model with the embedding of INF_TOKEN set to Inf, as in a damaged checkpoint: a prompt holding
+    that token has NaN KV from the first layer on; every other prompt is answered as by the model itself
+    (SmolLM2 ties its output layer to the embedding; here it keeps the original rows)."""
+    src, out = Path(model_path), tmp_path_factory.mktemp("inf-token-model")
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            (out / f.name).symlink_to(f)
+    config = json.loads((src / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    weights = safetensors.torch.load_file(src / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    weights["model.embed_tokens.weight"][INF_TOKEN] = float("inf")
+    safetensors.torch.save_file(weights, out / "model.safetensors")
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def pd(model_with_an_inf_token, tmp_path_factory):
+    with PDCluster(fault_cluster_spec(model_with_an_inf_token, tmp_path_factory.mktemp("faults"))) as pd:
         yield pd
 
 
@@ -107,6 +130,17 @@ def test_bad_input_gets_a_400_naming_the_problem_and_the_cluster_serves_on(pd, p
     assert r.status_code == 400, r.text
     assert re.search(message, r.text), r.text
     serves_on(pd)
+
+
+def test_a_request_whose_kv_cannot_be_encoded_fails_alone_naming_why_and_the_workers_serve_on(pd):
+    """NaN KV (here from a token whose embedding is Inf) is refused by the codec on prefill's scheduler
+    thread: that request fails with the reason, its rows and pages are freed, both workers serve on."""
+    r = post(pd, COMPLETIONS, completion(INF_PROMPT, temperature=0))
+    assert r.status_code >= 400, r.text
+    assert "KV cannot be encoded" in r.text and "NaN or Inf" in r.text, r.text
+    serves_on(pd)
+    books, _ = pd.wait_settled()
+    assert settled(books), books
 
 
 def test_bad_input_leaves_nothing_held(pd):

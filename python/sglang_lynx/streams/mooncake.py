@@ -333,7 +333,11 @@ class LynxKVManager(MooncakeKVManager):
             self.timings.add(room, first_stream_bytes=len(chunk.pages) * sum(self.kv_args.kv_item_lens))
         started = time.time()
         rows = self.staged[room][chunk.index_slice]
-        self.rows.encode(chunk.pages, rows, chunk.num_tokens, room)  # right after the forward, on this thread
+        try:
+            self.rows.encode(chunk.pages, rows, chunk.num_tokens, room)  # right after the forward, on this thread
+        except ValueError as e:  # KV the codec cannot hold (NaN, Inf): this request fails, the worker serves on
+            self._fail(room, f"Lynx: this request's KV cannot be encoded: {e}")
+            return chunk.forward(kv_indices=chunk.pages)  # SGLang concludes the failed request
         self.timings.add(room, encode_s=time.time() - started, tokens=chunk.num_tokens)
         forward = functools.partial(chunk.forward, kv_indices=chunk.pages if self.lynx.mode == "raw" else NO_PAGES)
         self.streams.submit(ANCHOR, functools.partial(self._send_first_stream, chunk, rows, forward))
