@@ -217,6 +217,8 @@ def logprob_lists(req) -> dict:
 class Landed:
     """Stands in for a request's Anchor-only KV whose Residual has landed."""
 
+    manager = SimpleNamespace(waiting_timeout=30)
+
     def take_residual(self):
         return SimpleNamespace(failure=None)
 
@@ -236,18 +238,21 @@ def speculating(req, params=GREEDY, drafts=()) -> Speculator:
     return speculator
 
 
-def verify(monkeypatch, speculator, exact_rows):
+def verify(monkeypatch, speculator, exact_rows, free_pages=100, page_size=4):
     """The speculator's verification, ``exact_rows`` the exact model's logits at the output positions
-    after the first, on a scheduler without KV."""
+    after the first, on a scheduler without KV whose pool has ``free_pages`` free pages."""
     from sglang_lynx.speculation import speculator as module
 
-    monkeypatch.setattr(module, "exact_logits", lambda scheduler, reqs: [exact_rows])
+    passes = []
+    monkeypatch.setattr(module, "exact_logits", lambda scheduler, reqs: passes.append(reqs) or [exact_rows])
     monkeypatch.setattr(module, "truncate_kv", lambda *args: None)
     monkeypatch.setattr(module, "release_kv_cache", lambda *args, **kwargs: None)
+    allocator = SimpleNamespace(page_size=page_size, available_size=lambda: free_pages * page_size)
     scheduler = SimpleNamespace(running_batch=SimpleNamespace(reqs=[], filter_batch=lambda **kwargs: None),
-                                waiting_queue=[], tree_cache=None,
+                                waiting_queue=[], tree_cache=None, token_to_kv_pool_allocator=allocator,
                                 output_streamer=SimpleNamespace(stream_output=lambda reqs, return_logprob: None))
-    return speculator.verify_landed(scheduler)
+    decode_on = speculator.verify_landed(scheduler)
+    return decode_on, passes
 
 
 def test_the_server_counts_sampled_tokens_outside_their_rebuilt_draft_distribution(monkeypatch):
@@ -256,6 +261,49 @@ def test_the_server_counts_sampled_tokens_outside_their_rebuilt_draft_distributi
     speculator = speculating(speculating_req([5, 0]), params, drafts=[draft_logits])  # ... 0 was drawn
     verify(monkeypatch, speculator, logits_predicting([0, 4]))
     assert speculator.state()["draft_mismatches"] == 1
+
+
+def holding_kv(req, tokens: int):
+    req.kv.kv_allocated_len = tokens
+    return req
+
+
+def test_a_verify_pass_the_kv_pool_has_no_room_for_waits_out_of_the_batch_and_runs_once_pages_are_free(monkeypatch):
+    # 3 prompt tokens and 2 output tokens, KV for 4 of them: one full 4-token page; the pass needs a second
+    req = holding_kv(speculating_req([5, 6]), 4)
+    speculator = speculating(req)
+    decode_on, passes = verify(monkeypatch, speculator, logits_predicting([6, 8]), free_pages=0)
+    assert decode_on == [] and passes == [] and not req.finished()
+    assert speculator.state()["paused"] == 1
+    decode_on, passes = verify(monkeypatch, speculator, logits_predicting([6, 8]), free_pages=1)
+    assert decode_on == [req] and passes == [[req]] and list(req.output_ids) == [5, 6, 8]
+    assert speculator.state()["speculating"] == 0
+
+
+def test_a_verify_pass_within_the_pages_a_request_holds_runs_with_the_pool_full(monkeypatch):
+    req = holding_kv(speculating_req([5, 6, 7, 8, 9]), 7)  # 8 tokens: the two pages it holds
+    decode_on, passes = verify(monkeypatch, speculating(req), logits_predicting([6, 7, 8, 9, 1]), free_pages=0)
+    assert decode_on == [req] and passes == [[req]]
+
+
+def test_requests_the_pool_has_room_for_verify_oldest_first_and_the_others_wait(monkeypatch):
+    older, newer = (holding_kv(speculating_req([5, 6]), 4) for _ in range(2))
+    newer.rid = "newer"
+    speculator = speculating(older)
+    speculator.records[newer.rid] = Speculation(newer, Landed(), 8, GREEDY)
+    decode_on, passes = verify(monkeypatch, speculator, logits_predicting([6, 8]), free_pages=1)
+    assert decode_on == [older] and passes == [[older]]
+    assert list(speculator.records) == ["newer"] and speculator.records["newer"].paused
+
+
+def test_a_request_left_without_room_to_verify_past_the_kv_waiting_timeout_ends_with_its_first_token(monkeypatch):
+    req = holding_kv(speculating_req([5, 6]), 4)
+    speculator = speculating(req)
+    verify(monkeypatch, speculator, logits_predicting([6, 8]), free_pages=0)
+    speculator.records[req.rid].refined -= Landed.manager.waiting_timeout + 1
+    decode_on, passes = verify(monkeypatch, speculator, logits_predicting([6, 8]), free_pages=0)
+    assert decode_on == [] and passes == [] and list(req.output_ids) == [5]
+    assert req.finished() and "no room to verify" in req.finished_reason.message
 
 
 @pytest.mark.parametrize("stop", [{"max_new_tokens": 3}, {"stop_token_ids": [7]}])

@@ -35,7 +35,7 @@ from sglang.srt.mem_cache.common import release_kv_cache
 from sglang_lynx.speculation.acceptance import (SamplingParams, Verdict, greedy_verdict, sampled_verdict,
                                                 sampling_distribution)
 from sglang_lynx.speculation.metrics import SpeculationMetrics
-from sglang_lynx.speculation.verify import exact_logits, truncate_kv
+from sglang_lynx.speculation.verify import exact_logits, pages_to_verify, truncate_kv
 from sglang_lynx.streams.landing import Anchored, anchored_requests
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Speculation:
     drafts: list = dataclasses.field(default_factory=list)  # logits each token was sampled from
     stopped: bool = False  # a stop condition was met on a speculated token
     paused: bool = False  # out of the running batch, waiting for the Residual
+    refined: Optional[float] = None  # when its prompt KV became INT8-exact; it waits to be verified
 
     @property
     def speculated(self) -> int:
@@ -169,14 +170,16 @@ class Speculator:
         """Verify every request whose Residual has landed; return those that decode on."""
         landed, failed = [], []
         for rec in list(self.records.values()):
-            arrival = rec.anchored.take_residual()
-            if arrival is None:
-                continue
-            failure = arrival.failure or rec.anchored.refine()
-            if failure:
-                failed.append((rec, failure))
-            else:
-                landed.append(rec)
+            if rec.refined is None:
+                arrival = rec.anchored.take_residual()
+                if arrival is None:
+                    continue
+                failure = arrival.failure or rec.anchored.refine()
+                if failure:
+                    failed.append((rec, failure))
+                    continue
+                rec.refined = time.time()
+            landed.append(rec)
         leaving = {id(rec.req) for rec in landed + [rec for rec, _ in failed]}
         if leaving:
             # Between two steps a request is in the running batch, or (admitted beyond the batch
@@ -187,7 +190,31 @@ class Speculator:
         for rec, failure in failed:
             self._finish(scheduler, rec, FINISH_ABORT(f"Lynx KV transfer: {failure}",
                                                       HTTPStatus.INTERNAL_SERVER_ERROR))
-        return self._verify(scheduler, landed) if landed else []
+        ready = self._with_room(scheduler, landed)
+        return self._verify(scheduler, ready) if ready else []
+
+    def _with_room(self, scheduler, recs: list[Speculation]) -> list[Speculation]:
+        """Those of ``recs`` (oldest first) whose verify pass the KV pool has room for now: a failed
+        allocation would stop the scheduler. The others wait out of the batch, KV kept, until requests
+        that finish give pages back; past the KV waiting timeout they end with their verified tokens."""
+        allocator = scheduler.token_to_kv_pool_allocator
+        free = allocator.available_size() // allocator.page_size
+        ready = []
+        for rec in recs:
+            need = pages_to_verify(rec.req, allocator.page_size)
+            if need <= free:
+                free -= need
+                ready.append(rec)
+                continue
+            waited = time.time() - rec.refined
+            if waited > rec.anchored.manager.waiting_timeout:
+                self._finish(scheduler, rec, FINISH_ABORT(
+                    f"Lynx: the decode KV pool had no room to verify this request for {waited:.0f} s",
+                    HTTPStatus.SERVICE_UNAVAILABLE))
+            elif not rec.paused:
+                rec.paused = True
+                logger.info("Lynx: request %s waits for room in the KV pool to verify", rec.req.rid)
+        return ready
 
     def _verify(self, scheduler, recs: list[Speculation]) -> list:
         started = time.time()

@@ -40,6 +40,13 @@ def truncate_kv(req, length: int, tree_cache) -> None:
     req.full_untruncated_fill_ids = req.origin_input_ids + req.output_ids
 
 
+def pages_to_verify(req, page_size: int) -> int:
+    """Pages the verify pass of ``req`` takes from the pool beyond those it holds now: it gives back
+    the pages past its prompt and takes slots for all its output tokens, one more than it has KV for."""
+    held = -(-req.kv.kv_allocated_len // page_size)
+    return -(-(len(req.origin_input_ids) + len(req.output_ids)) // page_size) - held
+
+
 _in_verify_pass = False  # set on the scheduler thread around the verify forward
 
 
