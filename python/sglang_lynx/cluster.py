@@ -128,20 +128,14 @@ class _ProcessGroup:
     def start(self) -> None:
         raise NotImplementedError
 
-    def stop(self, grace: float = 5) -> None:
-        # SIGTERM to each leader only: SGLang's launcher then stops its own children, where a signal to
-        # the whole group kills its scheduler first and sends the launcher into 5 s of crash diagnostics.
-        # sglang-router waits for open client connections past any grace: it is killed with the rest.
+    def stop(self) -> None:
+        # Every process goes at once: nothing a worker holds is meant to outlive its cluster (timing
+        # records are written a line at a time as requests end), and SGLang's launchers take 3-5 s
+        # to wind down on SIGTERM. Each group holds a worker's scheduler and detokenizer too.
         for proc in self.procs.values():
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            # SGLang's children may outlive their parent: the whole group goes.
             _signal_group(proc.pid, signal.SIGKILL)
+        for proc in self.procs.values():
+            proc.wait()
         self.procs.clear()
 
     def spawn(self, name: str, cmd: list[str]) -> None:

@@ -283,6 +283,7 @@ SCENARIOS = [
 
 def run_scenario(pd: PDCluster, scenario: Scenario, ctx: Context, prompts: list[str], expected: list[str],
                  num_requests: int) -> dict:
+    started = time.monotonic()
     before = pd.books()
     reqs = scenario.requests(num_requests)
     with ThreadPoolExecutor(len(reqs)) as pool:
@@ -316,6 +317,7 @@ def run_scenario(pd: PDCluster, scenario: Scenario, ctx: Context, prompts: list[
         "errors": sum(e.outcome == "error" for e in endings),
         "disconnected": sum(e.outcome == "disconnected" for e in endings),
         "longest_s": round(max(e.seconds for e in endings), 1), "settle_s": round(settle_s, 1),
+        "scenario_s": round(time.monotonic() - started, 1),  # recovery and the request after it included
         "books_before": before, "books_after": after,
         "endings": [dataclasses.asdict(e) | {"text": e.text[:80]} for e in endings],
     }
@@ -361,11 +363,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         with PDCluster(spec) as pd, tqdm(total=len(names), unit="scenario") as progress:
             results = run_suite(pd, Context(model_path), names, args.requests, progress)
     print(f"\n{'scenario':<28} {'passed':<7} {'ok':>3} {'err':>4} {'disc':>5} {'longest s':>10} {'bound s':>8} "
-          f"{'settle s':>9}  failed checks")
+          f"{'settle s':>9} {'scenario s':>11}  failed checks")
     for r in results:
         failed = [k for k, v in r["checks"].items() if not v]
         print(f"{r['scenario']:<28} {str(r['passed']):<7} {r['ok']:>3} {r['errors']:>4} {r['disconnected']:>5} "
-              f"{r['longest_s']:>10} {r['bound_s']:>8} {r['settle_s']:>9}  {', '.join(failed) or '-'}")
+              f"{r['longest_s']:>10} {r['bound_s']:>8} {r['settle_s']:>9} {r['scenario_s']:>11}  {', '.join(failed) or '-'}")
     write_json(args.json, {"scenarios": results, "server_env": SERVER_ENV, "bandwidth_mbps": args.bandwidth_mbps})
     if not all(r["passed"] for r in results):
         sys.exit("bench faults: some scenarios failed")
