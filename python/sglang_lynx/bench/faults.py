@@ -325,7 +325,9 @@ def run_scenario(pd: PDCluster, scenario: Scenario, ctx: Context, prompts: list[
 
 def run_suite(pd: PDCluster, ctx: Context, names: list[str], num_requests: int, progress=None) -> list[dict]:
     prompts = text_windows(ctx.model_path, list(PROMPT_LENGTHS))
-    expected = [complete(pd.spec.router_url, p, max_tokens=MAX_TOKENS).text for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:  # at once, as the scenarios send them
+        expected = [c.text for c in pool.map(lambda p: complete(pd.spec.router_url, p, max_tokens=MAX_TOKENS),
+                                             prompts)]
     ctx.ttft_s = complete(pd.spec.router_url, prompts[-1], max_tokens=MAX_TOKENS, stream=True).ttft_s
     results = []
     for scenario in SCENARIOS:
