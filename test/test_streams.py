@@ -1,6 +1,7 @@
 """Transfer scheduling, the staging area and the row format of the two Lynx streams."""
 
 import collections
+import json
 import re
 import threading
 import time
@@ -232,6 +233,27 @@ def test_bytes_the_codec_cannot_decode_fail_their_request_not_the_worker(monkeyp
     monkeypatch.setattr(lynx_kernels, "merge_dequant", rejects)
     with pytest.raises(LynxTransferError, match="cannot be decoded: meta of 100 tokens must hold 1234 bytes"):
         decode.land([2, 3], [0, 1], 100, room=2, merged=True)
+
+
+def test_the_landing_benchmark_times_landing_and_its_extra_memory_beside_the_codec_alone(tmp_path):
+    from sglang_lynx.bench.__main__ import main
+
+    model = tmp_path / "model"  # the KV dimensions are all the benchmark reads of a model
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 4,
+                                                   "num_key_value_heads": 2, "hidden_size": 128}))
+    out = tmp_path / "landing.json"
+    main(["landing", "--model-path", str(model), "--tokens", "100,300", "--repeats", "1", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["kv"] == {"layers": 2, "heads": 2, "head_dim": 32, "dtype": "float32", "page_size": 64}
+    assert r["chunk_kv_bytes"] == CHUNK_TOKENS * 2 * 2 * 2 * 32 * 4
+    assert [size["tokens"] for size in r["sizes"]] == [100, 300]
+    for size in r["sizes"]:
+        for stream in ("anchor", "merged"):
+            s = size[stream]
+            assert s["land_s"] > 0 and s["codec_s"] > 0 and s["land_over_codec"] == s["land_s"] / s["codec_s"]
+            assert s["land_extra_peak_bytes"] >= 0 and s["codec_extra_peak_bytes"] >= 0
+    assert set(r["targets"]) == {"land_extra_peak_within_one_chunk_kv", "land_within_1.25x_codec_decode"}
 
 
 def test_only_the_first_stream_travels_first_and_int4_never_sends_a_residual():
