@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODEL ?= smollm2
 QWEN := qwen2.5-coder-1.5b
 
-.PHONY: setup model-qwen demo test test-unit test-qwen bench-codec bench-ttft bench-speculation bench-speculation-qwen bench-agreement bench-serving bench-faults bench-load cluster-up cluster-down clean
+.PHONY: setup model-qwen demo test test-unit test-qwen bench-codec bench-landing bench-ttft bench-speculation bench-speculation-qwen bench-agreement bench-serving bench-faults bench-load cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup.sh
@@ -29,6 +29,10 @@ test-qwen: model-qwen
 
 bench-codec: setup
 	$(PY) -m sglang_lynx.bench codec --json bench-codec.json
+
+# Landing 2K, 8K and 32K-token prompts in the KV pool: time and extra memory beside the codec alone.
+bench-landing: setup
+	$(PY) -m sglang_lynx.bench landing --json bench-landing.json
 
 bench-ttft: setup
 	$(PY) -m sglang_lynx.bench ttft --modes raw,int8,int4,lynx --bandwidth-mbps 2 --input-len 128 \

@@ -13,7 +13,7 @@ import importlib.util
 import torch
 
 from . import reference
-from .reference import Meta, empty_planes, meta_block_nbytes, meta_views  # noqa: F401  (part of the API)
+from .reference import Meta, Slots, empty_planes, meta_block_nbytes, meta_views  # noqa: F401  (part of the API)
 
 BACKENDS = ("reference", "triton")
 
@@ -26,14 +26,15 @@ def quantize_split(kv: torch.Tensor, anchor_bits: int, group_size: int, out=None
 
 def dequant_anchor(anchor, meta, table, num_tokens: int, dtype=torch.float32, out=None,
                    backend: str | None = None):
-    """Anchor-only reconstruction -> kv_hat [2, L, num_tokens, H, D] of dtype (into out, if given)."""
+    """Anchor-only reconstruction -> kv_hat [2, L, num_tokens, H, D] of dtype (into out, if given: such
+    a tensor, or Slots of a KV pool of dtype). table: one for all blocks, or one per block."""
     return _backend(backend, anchor).dequant_anchor(anchor, meta, table, num_tokens, dtype, out)
 
 
 def merge_dequant(anchor, residual, meta, num_tokens: int, dtype=torch.float32, out=None,
                   backend: str | None = None):
     """Anchor + Residual -> the exact INT8 dequantization, kv_hat [2, L, num_tokens, H, D] of dtype
-    (into out, if given)."""
+    (into out, if given: such a tensor, or Slots of a KV pool of dtype)."""
     return _backend(backend, anchor).merge_dequant(anchor, residual, meta, num_tokens, dtype, out)
 
 

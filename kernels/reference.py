@@ -8,6 +8,7 @@ codes in kv's own order, token then head then channel; ``n = G * H * D / 8``):
     residual    [nb, 2, L, 8 - A, n]     uint8, the 8 - A bit-planes of each segment
     meta        Meta of three tensors, per block (see Meta)
     table       [2, L, 2**A]             float16: Anchor value a stands for code a * 2**(8-A) + table[a]
+                [nb, 2, L, 2**A]         or one table per block (blocks encoded apart, e.g. page by page)
 
 Each channel of each head is quantized over a block of G tokens (one group = G elements) with a
 float16 zero and an 8-bit scale whose exponent is relative to one exponent per (block, layer's K or
@@ -24,7 +25,7 @@ the product is exact, and IEEE division).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -52,6 +53,14 @@ class Meta(NamedTuple):
     zero: torch.Tensor  # float16 [nb, 2, L, H, D]: each group's minimum, rounded down
     scale_code: torch.Tensor  # uint8 [nb, 2, L, H, D]: the group's scale (encode_scale)
     exponent: torch.Tensor  # uint8 [nb, 2, L, H]: the exponent its head's scale codes are relative to
+
+
+class Slots(NamedTuple):
+    """A decode's destination in a KV pool instead of a new tensor: token t of K (V) of layer l goes to
+    row index[t] of buffers[l] (buffers[L + l])."""
+
+    buffers: Sequence[torch.Tensor]  # 2 * L contiguous [pool tokens, H, D] tensors: every K, then every V
+    index: torch.Tensor  # int64 [num_tokens], on the buffers' device
 
 
 def meta_block_nbytes(num_layers: int, num_heads: int, head_dim: int) -> int:
@@ -250,16 +259,20 @@ def empty_planes(kv: torch.Tensor, anchor_bits: int, group_size: int):
 
 
 def dequant_anchor(anchor, meta: Meta, table, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
-    """Anchor-only reconstruction: Anchor value a of slice s stands for code a * 2**R + table[s, a]."""
+    """Anchor-only reconstruction: Anchor value a of slice s stands for code a * 2**R + table[s, a]
+    (table[block, s, a] with a table per block)."""
     A = anchor.shape[-2]
     R = CODE_BITS - A
     anchor = anchor.flatten(1, 2)  # [nb, 2 * L, A, n]
-    # The reconstruction point of every (slice, Anchor value), flattened so that one index picks it.
+    # The reconstruction point of every ([block,] slice, Anchor value), flattened so that one index picks it.
     points = (torch.arange(2**A, device=table.device) * 2**R + table.float().view(-1, 2**A)).view(-1)
+    block_points = anchor.shape[1] * 2**A if table.dim() == 4 else 0
 
     def codes(s: slice, b: slice) -> torch.Tensor:
         a = unpack_bits(anchor[b, s], A).long()
         a += (torch.arange(s.start, s.stop, device=a.device) * 2**A).view(1, -1, 1, 1)
+        if block_points:
+            a += (torch.arange(b.start, b.stop, device=a.device) * block_points).view(-1, 1, 1, 1)
         return points.index_select(0, a.view(-1)).view(a.shape)
 
     return _dequantize(codes, meta, _group_size(anchor, meta), num_tokens, dtype, out)
@@ -303,14 +316,16 @@ def _group_size(planes: torch.Tensor, meta: Meta) -> int:
 
 
 def _dequantize(codes, meta: Meta, group_size: int, num_tokens: int, dtype, out) -> torch.Tensor:
-    """kv [2, L, T, H, D] (into out, if given) from codes(slices, blocks): the block-major codes
-    [B, S, 8, n] there."""
+    """kv [2, L, T, H, D] (into out, if given: such a tensor or Slots) from codes(slices, blocks): the
+    block-major codes [B, S, 8, n] there."""
     nb, _, L, H, D = meta.zero.shape
     G = group_size
     zero, scale_code, exponent = (field.flatten(1, 2) for field in meta)
     if out is None:
         out = torch.empty((2, L, num_tokens, H, D), dtype=dtype, device=zero.device)
-    result, out = out, out.view(2 * L, num_tokens, H, D)
+    result = out
+    if not isinstance(out, Slots):
+        out = out.view(2 * L, num_tokens, H, D)
     chunks, work = _chunks(2 * L, nb, G * H * D, zero.device)
     for s, b in chunks:
         c = codes(s, b)
@@ -319,5 +334,10 @@ def _dequantize(codes, meta: Meta, group_size: int, num_tokens: int, dtype, out)
         x = dequantize(c, scale.transpose(0, 1).unsqueeze(2), zero[b, s].transpose(0, 1).unsqueeze(2),
                        out=work[: c.numel()].view(c.shape))  # scale, zero: [S, B, 1, H, D]
         first, last = b.start * G, min(b.stop * G, num_tokens)
-        out[s, first:last] = x.flatten(1, 2)[:, : last - first]
+        x = x.flatten(1, 2)[:, : last - first]
+        if isinstance(out, Slots):
+            for buffer, part in zip(out.buffers[s], x):
+                buffer.index_copy_(0, out.index[first:last], part.to(buffer.dtype))
+        else:
+            out[s, first:last] = x
     return result

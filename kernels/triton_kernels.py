@@ -13,7 +13,7 @@ import triton.language as tl
 from triton import knobs
 
 from . import reference
-from .reference import empty_planes
+from .reference import Slots, empty_planes
 
 # Globals used inside kernels must be constexpr.
 CODE_BITS = tl.constexpr(reference.CODE_BITS)
@@ -154,8 +154,11 @@ def _unpack(seg_ptr, byte, mask, n, BITS: tl.constexpr):
 
 @triton.jit
 def _dequant_kernel(anchor_ptr, residual_ptr, zero_ptr, scale_ptr, exponent_ptr, table_ptr, out_ptr,
-                    zero_stride, scale_stride, exponent_stride, T, S, H, D,
-                    G: tl.constexpr, BLOCK_D: tl.constexpr, A: tl.constexpr, MERGE: tl.constexpr):
+                    buffer_offset_ptr, index_ptr, zero_stride, scale_stride, exponent_stride, table_stride,
+                    T, S, H, D, G: tl.constexpr, BLOCK_D: tl.constexpr, A: tl.constexpr, MERGE: tl.constexpr,
+                    SLOTS: tl.constexpr):
+    """SLOTS: out_ptr is the first of a KV pool's buffers, buffer_offset_ptr where each slice's buffer
+    starts relative to it (in elements), index_ptr the pool row of each token."""
     R: tl.constexpr = CODE_BITS - A
     blk, slc, head, t, d, row = _program(H, G, BLOCK_D)
     in_d = d < D
@@ -166,7 +169,7 @@ def _dequant_kernel(anchor_ptr, residual_ptr, zero_ptr, scale_ptr, exponent_ptr,
         res = _unpack(residual_ptr + (blk * S + slc) * (R * n), byte, in_d, n, R)
         codes = ((a << R) | res).to(tl.float32)
     else:
-        codes = (a << R).to(tl.float32) + tl.load(table_ptr + slc * 2**A + a).to(tl.float32)
+        codes = (a << R).to(tl.float32) + tl.load(table_ptr + blk * table_stride + slc * 2**A + a).to(tl.float32)
 
     group = (slc * H + head) * D + d
     exponent = tl.load(exponent_ptr + blk * exponent_stride + slc * H + head)
@@ -175,7 +178,11 @@ def _dequant_kernel(anchor_ptr, residual_ptr, zero_ptr, scale_ptr, exponent_ptr,
     x = codes * scale[None, :] + zero[None, :]  # the product is exact, so an FMA changes nothing
     if out_ptr.dtype.element_ty == tl.bfloat16:
         x = _to_bfloat16(x)
-    out = out_ptr + ((slc * T + t) * H + head) * D + d[None, :]
+    if SLOTS:
+        rows = tl.load(index_ptr + t, mask=t < T, other=0)
+        out = out_ptr + tl.load(buffer_offset_ptr + slc) + (rows * H + head) * D + d[None, :]
+    else:
+        out = out_ptr + ((slc * T + t) * H + head) * D + d[None, :]
     tl.store(out, x.to(out_ptr.dtype.element_ty), mask=(t < T) & in_d[None, :])
 
 
@@ -213,9 +220,19 @@ def _dequant(anchor, residual, meta, table, num_tokens, dtype, out, merge):
     H, D = meta.zero.shape[-2:]
     if out is None:
         out = torch.empty((2, L, num_tokens, H, D), dtype=dtype, device=anchor.device)
+    if isinstance(out, Slots):
+        first, index = out.buffers[0], out.index
+        offsets = [buffer.data_ptr() - first.data_ptr() for buffer in out.buffers]
+        if any(offset % first.element_size() for offset in offsets):
+            raise ValueError("a KV pool's buffers must be aligned to their element size")
+        offsets = torch.tensor([offset // first.element_size() for offset in offsets], device=anchor.device)
+    else:
+        first, offsets, index = out, out, out  # the last two are not read
+    table_stride = table.stride(0) if table.dim() == 4 else 0
     grid, block_d = _launch_shape(nb, 2 * L, H, D)
-    _dequant_kernel[grid](anchor, residual, *meta, table, out, *_block_strides(meta), num_tokens, 2 * L, H, D,
-                          G=n * reference.STRIPES // (H * D), BLOCK_D=block_d, A=A, MERGE=merge)
+    _dequant_kernel[grid](anchor, residual, *meta, table, first, offsets, index, *_block_strides(meta), table_stride,
+                          num_tokens, 2 * L, H, D, G=n * reference.STRIPES // (H * D), BLOCK_D=block_d, A=A,
+                          MERGE=merge, SLOTS=isinstance(out, Slots))
     return out
 
 

@@ -198,6 +198,62 @@ def test_a_prefix_of_whole_blocks_decodes_on_its_own():
     assert torch.equal(codec.decode_anchor(anchor, meta, T), full_anchor[:, :, :T])
 
 
+def encoded_pages(codec: Codec, kv: torch.Tensor, page_tokens: int):
+    """kv encoded one page at a time, each page's buffers in a row of its own (as in Lynx staging rows):
+    (anchor, residual, meta) [pages, bytes of a full page], and each page decoded alone (anchor, merged)."""
+    T = kv.shape[2]
+    pages = -(-T // page_tokens)
+    rows = [torch.zeros(pages, nbytes(page_tokens), dtype=torch.uint8)
+            for nbytes in (codec.anchor_nbytes, codec.residual_nbytes, codec.meta_nbytes)]
+    alone = [], []
+    for i in range(pages):
+        planes = codec.encode(kv[:, :, i * page_tokens: (i + 1) * page_tokens])
+        for row, plane in zip(rows, planes[:3]):
+            row[i, : plane.numel()] = plane
+        alone[0].append(codec.decode_anchor(planes.anchor, planes.meta, planes.num_tokens))
+        alone[1].append(codec.decode_merged(planes.anchor, planes.residual, planes.meta, planes.num_tokens))
+    return rows, [torch.cat(parts, dim=2) for parts in alone]
+
+
+@pytest.mark.parametrize("page_tokens, T", [(16, 16), (16, 70), (32, 70), (32, 90)])  # 1 or 2 blocks a page
+def test_pages_encoded_apart_decode_in_one_call_as_each_alone(page_tokens, T):
+    codec = Codec(2, 3, 8, group_size=16)
+    (anchor, residual, meta), (alone_anchor, alone_merged) = encoded_pages(codec, random_kv(3, 2, T, 3, 8),
+                                                                           page_tokens)
+    assert torch.equal(codec.decode_pages(anchor, None, meta, T, page_tokens), alone_anchor)
+    assert torch.equal(codec.decode_pages(anchor, residual, meta, T, page_tokens), alone_merged)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pages_can_decode_straight_into_the_slots_of_a_kv_pool(dtype):
+    codec = Codec(2, 3, 8, group_size=16)
+    (anchor, residual, meta), (alone_anchor, alone_merged) = encoded_pages(codec, random_kv(4, 2, 70, 3, 8), 32)
+    index = torch.randperm(100)[:70]
+    for res, alone in ((None, alone_anchor), (residual, alone_merged)):
+        pool = [torch.full((100, 3, 8), 7.0, dtype=dtype) for _ in range(4)]  # K0, K1, V0, V1
+        slots = lynx_kernels.Slots(pool, index)
+        assert codec.decode_pages(anchor, res, meta, 70, 32, dtype, out=slots) is slots
+        expected = torch.full((4, 100, 3, 8), 7.0, dtype=dtype)
+        expected[:, index] = alone.flatten(0, 1).to(dtype)
+        assert torch.equal(torch.stack(pool), expected)  # every other slot untouched
+
+
+def test_pages_of_the_wrong_layout_or_slots_that_do_not_fit_are_rejected():
+    codec = Codec(2, 3, 8, group_size=16)
+    (anchor, residual, meta), _ = encoded_pages(codec, random_kv(5, 2, 70, 3, 8), 32)
+    with pytest.raises(ValueError, match="103 tokens do not fill 3 pages of 32 tokens"):
+        codec.decode_pages(anchor, None, meta, 103, 32)
+    with pytest.raises(ValueError, match="do not fill 3 pages of 24 tokens"):
+        codec.decode_pages(anchor, None, meta, 70, 24)
+    with pytest.raises(ValueError, match=r"meta of 3 pages of 32 tokens must be a contiguous uint8 tensor \[3, "):
+        codec.decode_pages(anchor, None, meta[:, :-1], 70, 32)
+    pool = [torch.zeros(100, 3, 8) for _ in range(4)]
+    for slots in (lynx_kernels.Slots(pool[:3], torch.arange(70)), lynx_kernels.Slots(pool, torch.arange(69)),
+                  lynx_kernels.Slots([b.half() for b in pool], torch.arange(70))):
+        with pytest.raises(ValueError, match="out must be Slots of 4 contiguous torch.float32 buffers"):
+            codec.decode_pages(anchor, residual, meta, 70, 32, out=slots)
+
+
 def test_metadata_holds_each_channel_s_float16_minimum_and_a_scale_covering_its_range_over_each_block():
     codec = Codec(1, 1, 4, group_size=8)
     kv = random_kv(3, 1, 11, 1, 4)

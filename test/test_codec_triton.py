@@ -71,6 +71,23 @@ def test_dequantization_is_bit_identical(case, dtype):
     assert same_bits(ref, tri)
 
 
+@examples
+@given(small_cases(), st.sampled_from(DTYPES))
+def test_decoding_with_a_table_per_block_into_the_slots_of_a_kv_pool_is_bit_identical(case, dtype):
+    kv, A, G = case
+    _, L, T, H, D = kv.shape
+    anchor, residual, meta = lynx_kernels.quantize_split(kv, A, G, backend="reference")
+    g = torch.Generator().manual_seed(T)
+    tables = (torch.randint(0, (2 ** (8 - A) - 1) * 16 + 1, (anchor.shape[0], 2, L, 2**A), generator=g) / 16).half()
+    index = torch.randperm(T + 5, generator=g)[:T].to(DEVICE)
+    for op, args in (("dequant_anchor", (anchor, meta, tables.to(DEVICE))),
+                     ("merge_dequant", (anchor, residual, meta))):
+        pools = [[torch.zeros(T + 5, H, D, dtype=dtype, device=DEVICE) for _ in range(2 * L)] for _ in range(2)]
+        for pool, backend in zip(pools, ("reference", "triton")):
+            getattr(lynx_kernels, op)(*args, T, dtype, lynx_kernels.Slots(pool, index), backend=backend)
+        assert all(same_bits(r, t) for r, t in zip(*pools))
+
+
 def test_codec_round_trip_on_the_triton_backend_matches_the_reference():
     kv = random_kv(11, 2, 37, 2, 16).to(DEVICE)
     planes = {b: Codec(2, 2, 16, group_size=16, backend=b).encode(kv) for b in ("reference", "triton")}
@@ -123,7 +140,7 @@ from triton.backends.compiler import GPUTarget
 from lynx_kernels import triton_kernels as k
 
 def compile(fn, pointers, options=None, **constexprs):
-    ints = dict.fromkeys(["zero_stride", "scale_stride", "exponent_stride", "T", "S", "H", "D"], "i32")
+    ints = {name: "i32" for name in fn.arg_names if name not in pointers and name not in constexprs}
     signature = {**pointers, **ints, **dict.fromkeys(constexprs, "constexpr")}
     source = triton.compiler.ASTSource(fn, signature, constexprs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
@@ -134,9 +151,10 @@ for kv in ("*bf16", "*fp32"):
     quantize = compile(k._quantize_split_kernel, {"kv_ptr": kv, **planes, **meta}, k.QUANTIZE_OPTIONS,
                        G=64, BLOCK_D=128, A=3)
     assert "fma" not in quantize.asm["ptx"], "quantization must round the product before adding 2**23"
-for out, merge in (("*fp32", True), ("*bf16", False)):
-    pointers = {**planes, **meta, "table_ptr": "*fp16", "out_ptr": out}
-    compile(k._dequant_kernel, pointers, G=64, BLOCK_D=128, A=3, MERGE=merge)
+for out, merge, slots in (("*fp32", True, False), ("*bf16", False, True)):
+    slots_pointers = {"buffer_offset_ptr": "*i64", "index_ptr": "*i64"}
+    pointers = {**planes, **meta, "table_ptr": "*fp16", "out_ptr": out, **slots_pointers}
+    compile(k._dequant_kernel, pointers, G=64, BLOCK_D=128, A=3, MERGE=merge, SLOTS=slots)
 """
 
 

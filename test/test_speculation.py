@@ -255,6 +255,48 @@ def verify(monkeypatch, speculator, exact_rows, free_pages=100, page_size=4):
     return decode_on, passes
 
 
+class OnDevice(torch.Tensor):
+    """A tensor standing for one in GPU memory: reading its values on the host (a device sync) fails."""
+
+    HOST_READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.numpy,
+                  torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__float__}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.HOST_READS:
+            raise AssertionError(f"{func.__name__} reads a device tensor on the host")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_each_decode_step_keeps_the_logits_sampled_speculating_requests_draw_from_without_a_device_sync(
+        monkeypatch):
+    """Around ``ModelRunner.sample``: the rows of the batch's logits belonging to sampled speculating
+    requests are kept (not those of greedy, paused or other requests), and nothing is read back from
+    the device to find them."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sglang_lynx.speculation import hooks
+
+    speculator = Speculator(max_speculative_tokens=8)
+    sampled = SamplingParams(temperature=1.0, top_k=5)
+    for pool_idx, (rid, params, paused) in enumerate([("sampled", sampled, False), ("greedy", GREEDY, False),
+                                                      ("paused", sampled, True)]):
+        req = speculating_req([5])
+        req.rid, req.kv.req_pool_idx = rid, pool_idx
+        speculator.records[rid] = Speculation(req, Landed(), 8, params, paused=paused)
+    monkeypatch.setattr(hooks, "_speculator", speculator)
+    logits = torch.randn(4, 10).as_subclass(OnDevice)
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, rids=["other", "paused", "sampled", "greedy"],
+                            req_pool_indices=torch.tensor([7, 2, 0, 1]).as_subclass(OnDevice))
+    sample = lambda runner, logits_output, forward_batch: "next tokens"  # SGLang's sampler
+    for step in range(2):
+        output = SimpleNamespace(next_token_logits=logits * step)
+        assert hooks.capture_drafts(sample, None, output, batch) == "next tokens"
+    drafts = {rid: rec.drafts for rid, rec in speculator.records.items()}
+    assert [len(d) for d in drafts.values()] == [2, 0, 0]
+    assert all(torch.equal(draft, logits[2] * step) for step, draft in enumerate(drafts["sampled"]))
+
+
 def test_the_server_counts_sampled_tokens_outside_their_rebuilt_draft_distribution(monkeypatch):
     params = SamplingParams(temperature=1.0, top_k=2)
     draft_logits = torch.tensor([1.0, 3.0, 3.0, 0, 0, 0, 0, 0, 0, 0])  # q: tokens 1 and 2 only ...

@@ -1,6 +1,7 @@
 """Transfer scheduling, the staging area and the row format of the two Lynx streams."""
 
 import collections
+import json
 import re
 import threading
 import time
@@ -9,9 +10,13 @@ import types
 import numpy as np
 import pytest
 import torch
+import xxhash
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import lynx_kernels
 from sglang_lynx.config import STAGING_SHARE, LynxConfig, LynxConfigError
-from sglang_lynx.streams.rows import LynxTransferError, StagingRows, row_runs, split_blocks
+from sglang_lynx.streams.rows import CHUNK_TOKENS, HEADER, LynxTransferError, StagingRows, row_runs, split_blocks
 from sglang_lynx.streams.scheduler import ANCHOR, RESIDUAL, Pacer, StreamScheduler
 
 
@@ -121,6 +126,134 @@ def test_a_page_of_several_codec_blocks_lands_partly_filled():
     decode.land([4, 1], [3, 2], 64 + 20, room=9, merged=True)
     kv = pool_kv(prefill_pool, [2, 3], 84)
     assert ((pool_kv(decode_pool, [4, 1], 84) - kv).norm() / kv.norm()).item() < 0.01
+
+
+def test_each_row_is_its_page_encoded_on_its_own_after_a_header_with_the_checksums_of_both_streams():
+    config = LynxConfig(mode="lynx")
+    pool = fake_pool(num_pages=40)
+    rows = staging(config, pool)
+    pages, n = list(range(39, 0, -1)), 38 * 64 + 10  # more than a chunk; the last page partly filled
+    rows.encode(pages, list(range(39)), n, room=21)
+    for i, page in enumerate(pages):
+        m = min(64, n - i * 64)
+        planes = rows.codec.encode(pool_kv(pool, [page], m))
+        row = rows.buffer[i].numpy()
+        meta, anchor, residual = (row[at: at + len(plane)] for at, plane in
+                                  ((rows.meta_at, planes.meta), (rows.anchor_at, planes.anchor),
+                                   (rows.residual_at, planes.residual)))
+        assert [meta.tobytes(), anchor.tobytes(), residual.tobytes()] == [
+            planes.meta.numpy().tobytes(), planes.anchor.numpy().tobytes(), planes.residual.numpy().tobytes()]
+        first_sum = xxhash.xxh3_64(meta.tobytes() + anchor.tobytes()).intdigest() & 0xFFFFFFFF
+        residual_sum = xxhash.xxh3_64(residual.tobytes()).intdigest() & 0xFFFFFFFF
+        assert HEADER.unpack(row[: HEADER.size].tobytes()) == (b"LYNX", 3, 4, 4, 1, 64, m, first_sum, 21, residual_sum)
+
+
+class Operations(TorchDispatchMode):
+    """Counts the tensor operations run inside it, and the bytes of the largest tensor they create (views
+    of ``existing`` tensors and writes into them do not count)."""
+
+    def __init__(self, *existing):
+        super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}
+        self.count = self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.count += 1
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.existing:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_a_long_prompt_is_encoded_and_landed_one_chunk_at_a_time():
+    """Beside the pool and the staging area, neither side makes a tensor larger than one chunk's KV,
+    however long the prompt; what lands is each page decoded on its own."""
+    config = LynxConfig(mode="lynx")
+    num_tokens = 2 * CHUNK_TOKENS + 100
+    pages = -(-num_tokens // 64)
+    # float32 KV of 8 KiB a token: a chunk's 16 MiB is more than the codec's own work memory
+    prefill_pool, decode_pool = (fake_pool(num_pages=pages, layers=8, heads=2, seed=s) for s in (1, 2))
+    prefill, decode = staging(config, prefill_pool), staging(config, decode_pool)
+    chunk_kv = CHUNK_TOKENS * 2 * 8 * 2 * 64 * 4
+    src_pages, dst_pages, rows = list(range(pages)), list(range(pages))[::-1], list(range(pages))
+    with Operations(*prefill_pool.k_buffer, *prefill_pool.v_buffer, prefill.buffer) as ops:
+        prefill.encode(src_pages, rows, num_tokens, room=8)
+    assert 0 < ops.largest <= chunk_kv
+    send(prefill, decode, rows, rows, residual=True)
+    for merged in (False, True):
+        with Operations(*decode_pool.k_buffer, *decode_pool.v_buffer, decode.buffer) as ops:
+            decode.land(dst_pages, rows, num_tokens, room=8, merged=merged)
+        assert 0 < ops.largest <= chunk_kv
+        for row, page in zip(rows, dst_pages):
+            m = min(64, num_tokens - row * 64)
+            meta, anchor, residual = decode._planes(decode.buffer[row], m)
+            alone = (decode.codec.decode_merged(anchor, residual, meta, m) if merged else
+                     decode.codec.decode_anchor(anchor, meta, m))
+            assert torch.equal(pool_kv(decode_pool, [page], m), alone)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_landing_a_chunk_of_pages_runs_the_same_operations_as_landing_one_page(monkeypatch, merged):
+    """Headers and checksums are read, rows gathered and KV decoded into the pool (one codec call)
+    per chunk, not page by page."""
+    config = LynxConfig(mode="lynx")
+    decoded = []  # the tokens of each codec call, whose own work is left out
+
+    def record(num_tokens, out):
+        decoded.append(num_tokens)
+        return torch.zeros(2, 3, num_tokens, 2, 64) if out is None else out
+
+    monkeypatch.setattr(lynx_kernels, "dequant_anchor",
+                        lambda anchor, meta, table, n, dtype=None, out=None, backend=None: record(n, out))
+    monkeypatch.setattr(lynx_kernels, "merge_dequant",
+                        lambda anchor, residual, meta, n, dtype=None, out=None, backend=None: record(n, out))
+    counts = []
+    for pages in (1, CHUNK_TOKENS // 64):
+        pool = fake_pool(num_pages=pages)
+        prefill, decode = staging(config, pool), staging(config, pool)
+        prefill.encode(list(range(pages)), list(range(pages)), pages * 64, room=4)
+        send(prefill, decode, range(pages), range(pages), residual=True)
+        with Operations() as ops:
+            decode.land(list(range(pages)), list(range(pages)), pages * 64, room=4, merged=merged)
+        counts.append(ops.count)
+    assert counts[0] == counts[1]
+    assert decoded == [64, CHUNK_TOKENS]
+
+
+def test_bytes_the_codec_cannot_decode_fail_their_request_not_the_worker(monkeypatch):
+    config = LynxConfig(mode="int8")
+    prefill, decode = staging(config, fake_pool(seed=1)), staging(config, fake_pool(seed=2))
+    prefill.encode([0, 1], [0, 1], 100, room=2)
+    send(prefill, decode, [0, 1], [0, 1], residual=True)
+
+    def rejects(*args, **kwargs):
+        raise ValueError("meta of 100 tokens must hold 1234 bytes")
+
+    monkeypatch.setattr(lynx_kernels, "merge_dequant", rejects)
+    with pytest.raises(LynxTransferError, match="cannot be decoded: meta of 100 tokens must hold 1234 bytes"):
+        decode.land([2, 3], [0, 1], 100, room=2, merged=True)
+
+
+def test_the_landing_benchmark_times_landing_and_its_extra_memory_beside_the_codec_alone(tmp_path):
+    from sglang_lynx.bench.__main__ import main
+
+    model = tmp_path / "model"  # the KV dimensions are all the benchmark reads of a model
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 4,
+                                                   "num_key_value_heads": 2, "hidden_size": 128}))
+    out = tmp_path / "landing.json"
+    main(["landing", "--model-path", str(model), "--tokens", "100,300", "--repeats", "1", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["kv"] == {"layers": 2, "heads": 2, "head_dim": 32, "dtype": "float32", "page_size": 64}
+    assert r["chunk_kv_bytes"] == CHUNK_TOKENS * 2 * 2 * 2 * 32 * 4
+    assert [size["tokens"] for size in r["sizes"]] == [100, 300]
+    for size in r["sizes"]:
+        for stream in ("anchor", "merged"):
+            s = size[stream]
+            assert s["land_s"] > 0 and s["codec_s"] > 0 and s["land_over_codec"] == s["land_s"] / s["codec_s"]
+            assert s["land_extra_peak_bytes"] >= 0 and s["codec_extra_peak_bytes"] >= 0
+    assert set(r["targets"]) == {"land_extra_peak_within_one_chunk_kv", "land_within_1.25x_codec_decode"}
 
 
 def test_only_the_first_stream_travels_first_and_int4_never_sends_a_residual():

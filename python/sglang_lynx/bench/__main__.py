@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import acceptance, agreement, codec, faults, load, serving, ttft
+from . import acceptance, agreement, codec, faults, landing, load, serving, ttft
 
-SUBCOMMANDS = [codec, ttft, agreement, acceptance, serving, faults, load]
+SUBCOMMANDS = [codec, landing, ttft, agreement, acceptance, serving, faults, load]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@
     planes = codec.encode(kv)                                        # kv [2, L, T, H, D], K then V
     kv_hat = codec.decode_anchor(planes.anchor, planes.meta, T)      # as soon as Anchor + meta landed
     kv_hat = codec.decode_merged(planes.anchor, planes.residual, planes.meta, T)  # == INT8, bit for bit
+    codec.decode_pages(anchors, residuals, metas, T, page_tokens, out=lynx_kernels.Slots(pool_buffers, slots))
 
 Every code is INT8, quantized per (layer, K/V, head, channel) over a block of G tokens with a float16
 zero and an 8-bit scale (its exponent relative to one shared per head and block: 3 bytes per group).
@@ -13,7 +14,9 @@ blocks can be sent, and decoded, separately; ``meta`` starts with a fixed-size h
 anchor reconstruction table). A prefix of whole blocks of the three buffers (plus the header) decodes
 on its own with num_tokens = the tokens those blocks hold. Transfer modes map to it as: ``int8`` sends
 all three and calls decode_merged; ``int4`` sends Anchor + meta and calls decode_anchor; ``lynx`` sends
-Anchor + meta first and the Residual after. The format is documented in docs/codec.md.
+Anchor + meta first and the Residual after. ``decode_pages`` decodes in one call pages that were
+encoded one by one (each with its own table), straight into a KV pool's slots if asked. The format is
+documented in docs/codec.md.
 """
 
 from __future__ import annotations
@@ -138,6 +141,42 @@ class Codec:
         return lynx_kernels.merge_dequant(anchor, residual, group_meta, num_tokens, self._dtype(dtype),
                                           backend=self.backend)
 
+    def decode_pages(self, anchor: torch.Tensor, residual: torch.Tensor | None, meta: torch.Tensor, num_tokens: int,
+                     page_tokens: int, dtype: torch.dtype = torch.float32, out: lynx_kernels.Slots | None = None):
+        """Pages encoded one by one (``encode`` on each run of ``page_tokens`` tokens, all full but the
+        last) -> kv_hat [2, L, num_tokens, H, D] of dtype, Anchor-only (``residual`` None; each page has
+        its own table) or merged. With ``out`` (Slots of a KV pool of dtype) it goes there instead.
+
+        anchor, residual, meta: uint8 [pages, anchor_nbytes(page_tokens)] etc., row i holding page i's
+        buffer as encode wrote it (a partly filled last page: its leading bytes; the rest is not read).
+        """
+        pages, per_page = anchor.shape[0], page_tokens // self.group_size
+        if page_tokens % self.group_size or not (pages - 1) * page_tokens < num_tokens <= pages * page_tokens:
+            raise ValueError(f"{num_tokens} tokens do not fill {pages} pages of {page_tokens} tokens (a multiple "
+                             f"of group_size {self.group_size}) all but the last")
+        named = {"anchor": (anchor, self.anchor_nbytes(page_tokens)), "meta": (meta, self.meta_nbytes(page_tokens))}
+        if residual is not None:
+            named["residual"] = (residual, self.residual_nbytes(page_tokens))
+        for name, (buf, nbytes) in named.items():
+            if buf.dtype != torch.uint8 or buf.shape != (pages, nbytes) or not buf.is_contiguous():
+                raise ValueError(f"{name} of {pages} pages of {page_tokens} tokens must be a contiguous uint8 "
+                                 f"tensor [{pages}, {nbytes}]; got {buf.dtype} {list(buf.shape)}")
+        dtype, nb = self._dtype(dtype), self.num_blocks(num_tokens)
+        L, H, D = self.num_layers, self.num_heads, self.head_dim
+        if out is not None:
+            self._check_slots(out, num_tokens, dtype, anchor.device)
+        # Every page's blocks in token order; a block's metadata leaves its page's header out.
+        blocks = lambda buf, bits: buf.view(pages * per_page, 2, L, bits, -1)[:nb]
+        group_meta = lynx_kernels.meta_views(
+            meta[:, self.meta_header_nbytes:].reshape(pages * per_page, self.meta_block_nbytes)[:nb], L, H, D)
+        if residual is not None:
+            return lynx_kernels.merge_dequant(blocks(anchor, self.anchor_bits), blocks(residual, self.residual_bits),
+                                              group_meta, num_tokens, dtype, out, backend=self.backend)
+        tables = meta[:, : self.meta_header_nbytes].view(torch.float16).view(pages, 2, L, 2**self.anchor_bits)
+        return lynx_kernels.dequant_anchor(blocks(anchor, self.anchor_bits), group_meta,
+                                           tables.repeat_interleave(per_page, 0)[:nb], num_tokens, dtype, out,
+                                           backend=self.backend)
+
     def split_meta(self, meta: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, lynx_kernels.Meta]:
         """meta -> views (table float16 [2, L, 2**A], the blocks' lynx_kernels.Meta)."""
         self._check_bytes(meta, "meta", self.meta_nbytes(num_tokens), num_tokens)
@@ -162,6 +201,15 @@ class Codec:
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
         return dtype
+
+    def _check_slots(self, out: lynx_kernels.Slots, num_tokens: int, dtype: torch.dtype, device) -> None:
+        L, H, D = self.num_layers, self.num_heads, self.head_dim
+        fits = len(out.buffers) == 2 * L and all(
+            b.dim() == 3 and b.shape[1:] == (H, D) and b.dtype == dtype and b.device == device and b.is_contiguous()
+            for b in out.buffers)
+        if not fits or out.index.shape != (num_tokens,) or out.index.dtype != torch.long:
+            raise ValueError(f"out must be Slots of {2 * L} contiguous {dtype} buffers [tokens, {H}, {D}] on {device} "
+                             f"and an int64 index of {num_tokens} tokens")
 
     def _check_bytes(self, buf: torch.Tensor, name: str, nbytes: int, num_tokens: int) -> None:
         if not isinstance(num_tokens, int) or num_tokens < 1:

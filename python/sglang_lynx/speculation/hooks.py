@@ -86,7 +86,7 @@ def capture_drafts(original, runner, logits_output, forward_batch):
     """AROUND ``ModelRunner.sample``: keep the logits sampled speculated tokens are drawn from
     (sampling overwrites them)."""
     if _speculating() and forward_batch.forward_mode.is_decode():
-        _speculator.capture_drafts(logits_output.next_token_logits, forward_batch.req_pool_indices)
+        _speculator.capture_drafts(logits_output.next_token_logits, forward_batch.rids)
     return original(runner, logits_output, forward_batch)
 
 

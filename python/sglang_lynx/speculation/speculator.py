@@ -153,15 +153,13 @@ class Speculator:
         if leaving:
             batch.filter_batch(reqs_to_exclude=leaving)
 
-    def capture_drafts(self, logits: torch.Tensor, req_pool_indices: torch.Tensor) -> None:
-        """Keep the logits each sampled (not greedy) speculating request draws its next token from."""
-        rows = {rec.req.kv.req_pool_idx: rec for rec in self.records.values()
-                if not rec.paused and not rec.params.greedy}
-        if not rows:
-            return
-        for i, idx in enumerate(req_pool_indices.tolist()):
-            rec = rows.get(idx)
-            if rec is not None:
+    def capture_drafts(self, logits: torch.Tensor, rids: list[str]) -> None:
+        """Keep the logits each sampled (not greedy) speculating request draws its next token from.
+        ``rids``: the batch's request ids, row by row; a host list, so that finding the rows reads
+        nothing back from the device (on a GPU, a sync every decode step)."""
+        for i, rid in enumerate(rids):
+            rec = self.records.get(rid)
+            if rec is not None and not rec.paused and not rec.params.greedy:
                 rec.drafts.append(logits[i].float().clone())
 
     # --- verification -------------------------------------------------------------------------

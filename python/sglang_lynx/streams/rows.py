@@ -31,8 +31,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import xxhash
+from lynx_kernels import Slots
 
-from sglang_lynx.codec import Codec
+from sglang_lynx.codec import Codec, Planes
 from sglang_lynx.config import MODES, QUANTIZED_MODES, LynxConfig, LynxConfigError
 
 MAGIC = b"LYNX"
@@ -42,6 +43,11 @@ VERSION = 3  # 3: stream checksums; 2: 8-bit scales with a shared exponent per h
 HEADER = struct.Struct("<4sBBBBHHIQI4x")
 assert HEADER.size == 32
 CHECKSUMMED = 1  # flags: the checksums are set
+# Rows are encoded and landed this many tokens (whole pages, at least one) at a time, so that beside the
+# KV pool a request needs one chunk's KV (prefill) or rows (decode), not its whole prompt's (SmolLM2 in
+# float32: 90 and 24 MiB). Smaller chunks would save little, as the codec's own work memory per call
+# (20-30 MiB on a CPU) stays, and would cost more calls.
+CHUNK_TOKENS = 2048
 
 
 class LynxTransferError(RuntimeError):
@@ -58,6 +64,7 @@ class StagingRows:
     def __init__(self, config: LynxConfig, pool, page_size: int, nbytes: int):
         self.config = config
         self.page_size = page_size
+        self.chunk_pages = max(1, CHUNK_TOKENS // page_size)
         self.k_buffers, self.v_buffers = list(pool.k_buffer), list(pool.v_buffer)
         _, num_heads, head_dim = self.k_buffers[0].shape
         self.dtype, self.device = self.k_buffers[0].dtype, self.k_buffers[0].device
@@ -131,53 +138,68 @@ class StagingRows:
         """Encode ``num_tokens`` tokens held in pool ``pages`` (all full but the last) into ``rows``,
         with headers naming request ``room``."""
         if self.quantized:
-            kv = self._gather(self._token_indices(pages, num_tokens))
-        for i, row in enumerate(rows):
-            n = min(self.page_size, num_tokens - i * self.page_size)
-            sums = None
+            L, _, H, D = len(self.k_buffers), *self.k_buffers[0].shape
+            kv = torch.empty((2, L, min(self.chunk_pages * self.page_size, num_tokens), H, D), dtype=self.dtype,
+                             device=self.device)
+        for _, chunk_pages, chunk_rows, n in self._chunks(pages, rows, num_tokens):
+            sizes = self._row_tokens(len(chunk_rows), n)
+            sums = [None] * len(chunk_rows)
             if self.quantized:  # raw: the pool's own bytes travel, the row holds only the header
-                planes = self.codec.encode(kv[:, :, i * self.page_size: i * self.page_size + n])
-                meta, anchor, residual = self._planes(self.buffer[row], n)
-                meta.copy_(planes.meta)
-                anchor.copy_(planes.anchor)
-                residual.copy_(planes.residual)
+                self._gather(self._token_indices(chunk_pages, n), kv[:, :, :n])
+                for i, (row, m) in enumerate(zip(chunk_rows, sizes)):
+                    meta, anchor, residual = self._planes(self.buffer[row], m)
+                    page = kv[:, :, i * self.page_size: i * self.page_size + m]
+                    self.codec.encode(page, out=Planes(anchor, residual, meta, m))
                 if self.config.verify_checksums:
-                    sums = (_checksum(meta, anchor), _checksum(residual))
-            self.buffer[row, : HEADER.size] = _header_bytes(self.config, n, room, sums)
+                    sums = [self._sums(host, m) for host, m in zip(self._host_rows(chunk_rows), sizes)]
+            headers = b"".join(_header(self.config, m, room, s) for m, s in zip(sizes, sums))
+            self.buffer[self._indices(chunk_rows), : HEADER.size] = torch.frombuffer(
+                bytearray(headers), dtype=torch.uint8).view(len(chunk_rows), HEADER.size).to(self.device)
 
-    def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
-        k = torch.stack([buf.index_select(0, tokens) for buf in self.k_buffers])
-        v = torch.stack([buf.index_select(0, tokens) for buf in self.v_buffers])
-        return torch.stack([k, v])  # [2, L, T, H, D]
+    def _gather(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
+        """The KV of pool slots ``tokens`` into ``out`` [2, L, T, H, D]."""
+        for layer, (k_buf, v_buf) in enumerate(zip(self.k_buffers, self.v_buffers)):
+            torch.index_select(k_buf, 0, tokens, out=out[0, layer])
+            torch.index_select(v_buf, 0, tokens, out=out[1, layer])
 
     # --- decode -------------------------------------------------------------------------------
 
     def land(self, pages: Sequence[int], rows: Sequence[int], num_tokens: int, room: int, merged: bool) -> None:
         """Check ``rows`` and write their KV into pool ``pages`` (Anchor-only or merged)."""
-        sums = [self._check_header(row, min(self.page_size, num_tokens - i * self.page_size), room)
-                for i, row in enumerate(rows)]
+        headers = self.buffer[self._indices(rows), : HEADER.size].cpu().numpy()  # one read for all
+        sums = [self._check_header(row, header.tobytes(), m, room)
+                for row, header, m in zip(rows, headers, self._row_tokens(len(rows), num_tokens))]
         if not self.quantized:
             return
-        parts = []
-        for i, row in enumerate(rows):
-            n = min(self.page_size, num_tokens - i * self.page_size)
-            meta, anchor, residual = self._planes(self.buffer[row], n)
-            if sums[i] is not None:
-                self._check_sums(row, sums[i], meta, anchor, residual, merged)
-            if merged:
-                parts.append(self.codec.decode_merged(anchor, residual, meta, n, dtype=self.dtype))
-            else:
-                parts.append(self.codec.decode_anchor(anchor, meta, n, dtype=self.dtype))
-        kv = torch.cat(parts, dim=2)
-        tokens = self._token_indices(pages, num_tokens)
-        for layer, (k_buf, v_buf) in enumerate(zip(self.k_buffers, self.v_buffers)):
-            k_buf.index_copy_(0, tokens, kv[0, layer])
-            v_buf.index_copy_(0, tokens, kv[1, layer])
+        chunks = list(self._chunks(pages, rows, num_tokens))
+        if any(s is not None for s in sums):  # every row's, before any KV reaches the pool
+            for first, _, chunk_rows, n in chunks:
+                sizes = self._row_tokens(len(chunk_rows), n)
+                for i, (row, host, m) in enumerate(zip(chunk_rows, self._host_rows(chunk_rows), sizes)):
+                    if sums[first + i] is not None:
+                        self._check_sums(row, sums[first + i], host, m, merged)
+        # Each chunk's meta, Anchor (and Residual) are gathered into the same buffers.
+        spans = [(self.meta_at, self.anchor_at), (self.anchor_at, self.residual_at)]
+        if merged:
+            spans.append((self.residual_at, self.row_nbytes))
+        staged = [torch.empty((min(self.chunk_pages, len(rows)), end - start), dtype=torch.uint8, device=self.device)
+                  for start, end in spans]
+        for _, chunk_pages, chunk_rows, n in chunks:
+            indices = self._indices(chunk_rows)
+            meta, anchor, *residual = (torch.index_select(self.buffer[:, start:end], 0, indices,
+                                                          out=buf[: len(indices)])
+                                       for (start, end), buf in zip(spans, staged))
+            slots = Slots(self.k_buffers + self.v_buffers, self._token_indices(chunk_pages, n))
+            try:
+                self.codec.decode_pages(anchor, residual[0] if merged else None, meta, n, self.page_size,
+                                        self.dtype, out=slots)
+            except ValueError as e:  # these bytes fail their request, not the worker
+                raise LynxTransferError(f"the KV that arrived cannot be decoded: {e}") from e
 
-    def _check_header(self, row: int, num_tokens: int, room: int) -> Optional[tuple[int, int]]:
-        """Raise unless ``row`` holds this request's page; its stream checksums, if they are to be checked."""
-        magic, version, mode, bits, flags, group, n, first_sum, got_room, residual_sum = HEADER.unpack(
-            self.buffer[row, : HEADER.size].cpu().numpy().tobytes())
+    def _check_header(self, row: int, header: bytes, num_tokens: int, room: int) -> Optional[tuple[int, int]]:
+        """Raise unless ``header`` (of ``row``) names this request's page; its stream checksums, if they
+        are to be checked."""
+        magic, version, mode, bits, flags, group, n, first_sum, got_room, residual_sum = HEADER.unpack(header)
         if magic != MAGIC or got_room != room:
             raise LynxTransferError(
                 f"no Lynx data arrived for this request (row {row}): is the prefill worker running "
@@ -195,7 +217,9 @@ class StagingRows:
             return first_sum, residual_sum
         return None
 
-    def _check_sums(self, row: int, sums: tuple[int, int], meta, anchor, residual, merged: bool) -> None:
+    def _check_sums(self, row: int, sums: tuple[int, int], host: np.ndarray, num_tokens: int, merged: bool) -> None:
+        """Raise unless the streams of ``row`` (its bytes ``host``) that land now have the checksums ``sums``."""
+        meta, anchor, residual = self._planes(host, num_tokens)
         # The first stream is checked when it lands, the Residual when it is merged (int8: both at once).
         checks = [("Anchor", sums[0], (meta, anchor))] if not merged or self.config.mode == "int8" else []
         if merged:
@@ -208,12 +232,38 @@ class StagingRows:
 
     # --- shared -------------------------------------------------------------------------------
 
-    def _planes(self, row: torch.Tensor, num_tokens: int):
+    def _chunks(self, pages: Sequence[int], rows: Sequence[int], num_tokens: int):
+        """(first row's position, pages, rows, tokens) of each chunk of a request, in order."""
+        per = self.chunk_pages
+        for first in range(0, len(rows), per):
+            yield (first, pages[first: first + per], rows[first: first + per],
+                   min(per * self.page_size, num_tokens - first * self.page_size))
+
+    def _row_tokens(self, count: int, num_tokens: int) -> list[int]:
+        """The tokens in each of ``count`` rows holding ``num_tokens`` tokens (all full but the last)."""
+        return [min(self.page_size, num_tokens - i * self.page_size) for i in range(count)]
+
+    def _planes(self, row, num_tokens: int):
         """Views of a row's meta, Anchor and Residual for a page holding ``num_tokens`` tokens
         (a partly filled page with more than one codec block uses only its leading blocks)."""
         return (row[self.meta_at: self.meta_at + self.codec.meta_nbytes(num_tokens)],
                 row[self.anchor_at: self.anchor_at + self.codec.anchor_nbytes(num_tokens)],
                 row[self.residual_at: self.residual_at + self.codec.residual_nbytes(num_tokens)])
+
+    def _sums(self, host: np.ndarray, num_tokens: int) -> tuple[int, int]:
+        """The checksums of the first stream (meta, Anchor) and the Residual of a row's bytes ``host``."""
+        meta, anchor, residual = self._planes(host, num_tokens)
+        return _checksum(meta, anchor), _checksum(residual)
+
+    def _host_rows(self, rows: Sequence[int]) -> list[np.ndarray]:
+        """The bytes of ``rows``, readable on the host: views of an area on the CPU, else one copy of all."""
+        if self.device.type == "cpu":
+            area = self.buffer.numpy()
+            return [area[row] for row in rows]
+        return list(self.buffer.index_select(0, self._indices(rows)).cpu().numpy())
+
+    def _indices(self, rows: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(rows), dtype=torch.long).to(self.device)
 
     def _token_indices(self, pages: Sequence[int], num_tokens: int) -> torch.Tensor:
         pages = torch.as_tensor(np.asarray(pages), dtype=torch.long)
@@ -221,19 +271,17 @@ class StagingRows:
         return (pages[:, None] * self.page_size + offsets).flatten()[:num_tokens].to(self.device)
 
 
-def _header_bytes(config: LynxConfig, num_tokens: int, room: int,
-                  sums: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def _header(config: LynxConfig, num_tokens: int, room: int, sums: Optional[tuple[int, int]] = None) -> bytes:
     first_sum, residual_sum = sums or (0, 0)
-    raw = HEADER.pack(MAGIC, VERSION, MODES.index(config.mode), config.anchor_bits,
-                      CHECKSUMMED if sums else 0, config.group_size, num_tokens, first_sum, room, residual_sum)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return HEADER.pack(MAGIC, VERSION, MODES.index(config.mode), config.anchor_bits,
+                       CHECKSUMMED if sums else 0, config.group_size, num_tokens, first_sum, room, residual_sum)
 
 
-def _checksum(*parts: torch.Tensor) -> int:
-    """xxh3-64 (low 32 bits) over the bytes of ``parts``, in order (host copies of device rows)."""
+def _checksum(*parts: np.ndarray) -> int:
+    """xxh3-64 (low 32 bits) over the bytes of ``parts``, in order."""
     digest = xxhash.xxh3_64()
     for part in parts:
-        digest.update(part.cpu().numpy())
+        digest.update(part)
     return digest.intdigest() & 0xFFFFFFFF
 
 
