@@ -264,9 +264,9 @@ class PDCluster(_ProcessGroup):
             self.wait_healthy(name, url, deadline)
         self.wait_healthy("router", spec.router_url, deadline)
         self._wait_routable(deadline)
-        if spec.lynx.mode == "lynx":
-            # A lynx answer comes before its Residual has crossed: the probe's rows come back soon
-            # after, and a started cluster holds nothing.
+        if spec.lynx.enabled:
+            # The probe's rows come back after its answer (in lynx mode once its Residual has crossed):
+            # a started cluster holds nothing.
             self.wait_settled(timeout=10)
 
     # --- what the workers hold ------------------------------------------------------------------

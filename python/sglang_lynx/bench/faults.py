@@ -140,16 +140,14 @@ def anchors_streaming(state: dict) -> bool:
 
 def residuals_streaming(state: dict) -> bool:
     """A request decodes on its Anchor while prefill still sends Residuals."""
-    return _residuals_due(state) and any(s and s["speculating"] for n, s in state.items() if n != "prefill")
+    prefill = state.get("prefill")
+    return bool(prefill and prefill["residuals_in_flight"]) and any(
+        s and s["speculating"] for n, s in state.items() if n != "prefill")
 
 
 def at_cap(state: dict) -> bool:
     """A request has speculated all it may and waits for its Residual."""
     return any(s and s["paused"] for n, s in state.items() if n != "prefill")
-
-
-def _residuals_due(state: dict) -> bool:
-    return bool(state.get("prefill") and state["prefill"]["residuals_in_flight"])
 
 
 # --- scenarios ----------------------------------------------------------------------------------
