@@ -63,3 +63,40 @@ def test_the_kv_pool_of_a_cpu_worker_leaves_room_for_a_second_worker_and_both_ru
     # a smaller model gets more, a machine too small for two workers none
     assert cpu.kv_pool_budget(total, GiB // 2) > 4 * GiB
     assert cpu.kv_pool_budget(16 * GiB, 6 * GiB) == 0
+
+
+FAILING_WORKER = '''
+import multiprocessing, signal, sys, time
+import psutil
+
+def fail():  # what a failing SGLang scheduler or detokenizer does
+    psutil.Process().parent().send_signal(signal.SIGQUIT)
+
+if __name__ == "__main__":
+    got = []
+    signal.signal(signal.SIGQUIT, lambda *_: got.append("SIGQUIT"))
+    multiprocessing.set_start_method("forkserver")
+    multiprocessing.set_forkserver_preload(sys.argv[1:])  # as compat.cpu sets it for a CPU worker
+    worker = multiprocessing.Process(target=fail)
+    worker.start()
+    worker.join()
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(got)
+'''
+
+
+def test_a_worker_process_that_fails_reaches_the_launcher_through_the_fork_server(tmp_path):
+    """CPU workers fork their scheduler and detokenizer from a fork server; SGLang's launcher must
+    still hear (SIGQUIT) from one that fails, as it does from a spawned one, and take the worker down."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "launcher.py"
+    script.write_text(FAILING_WORKER)
+    preload = [m for m in cpu.FORK_SERVER_PRELOAD if m.startswith("sglang_lynx")]
+    assert preload, "the fork server must pass failures on"
+    result = subprocess.run([sys.executable, str(script), *preload], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["['SIGQUIT']"]

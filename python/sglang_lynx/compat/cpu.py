@@ -57,6 +57,10 @@ SERVER_ARG_DEFAULTS = {
 }
 
 
+# What a worker's processes import before they differ: the fork server imports it once for all of them.
+FORK_SERVER_PRELOAD = ("sglang_lynx.compat.fork_server", "sglang.srt.managers.scheduler",
+                       "sglang.srt.managers.detokenizer_manager")
+
 # The KV pool of a CPU worker (kv_pool_budget): one machine runs prefill and decode, so each worker's
 # pool gets a quarter of what the machine leaves once both workers' weights and runtimes are counted
 # (two pools take half of it; the rest is for activations, the page cache, the router and clients),
@@ -120,6 +124,7 @@ def hooks() -> list:
         ("sglang.srt.mem_cache.pool_host.common._cuda_host_register", _nothing_to_pin, HookType.REPLACE),
         ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",
          _size_kv_pool, HookType.AROUND),
+        ("sglang.srt.entrypoints.engine._set_envs_and_config", _fork_workers, HookType.AFTER),
     ]
 
 
@@ -155,6 +160,18 @@ def _size_kv_pool(profile, configurator, *args, **kwargs) -> int:
                 KV_SHARE, gib(memory.total), gib(weights), gib(RUNTIME_BYTES), FULL_CONTEXT_REQUESTS, context,
                 f" (less: only {gib(memory.available)} is free now)" if chosen < budget else "")
     return chosen
+
+
+def _fork_workers(result, *args, **kwargs) -> None:
+    """AFTER ``_set_envs_and_config``, which makes "spawn" the start method (for CUDA, which a forked
+    process cannot use). A spawned scheduler and detokenizer each import SGLang anew: 8 CPU-seconds
+    apiece here. A fork server imports it once, runs nothing, and forks each of them; they then load
+    the plugins and start as spawned ones do (``compat.fork_server``: their failures still reach the
+    launcher)."""
+    import multiprocessing
+
+    multiprocessing.set_start_method("forkserver", force=True)
+    multiprocessing.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
 
 
 def _nothing_to_pin(*args, **kwargs) -> None:
