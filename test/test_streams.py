@@ -28,6 +28,16 @@ def test_pacer_holds_writes_to_the_link_rate():
     assert 0.19 <= time.monotonic() - start < 0.4
 
 
+def test_a_new_rate_paces_the_writes_after_it():
+    pacer = Pacer(mbps=8)  # 1 MB/s
+    pacer.pace(50_000)
+    pacer.set_rate(80)  # 10 MB/s
+    start = time.monotonic()
+    for _ in range(4):
+        pacer.pace(50_000)
+    assert 0.02 <= time.monotonic() - start < 0.12  # 20 ms at the new rate (200 ms at the old)
+
+
 def test_unpaced_link_does_not_wait():
     start = time.monotonic()
     Pacer(mbps=None).pace(10**9)

@@ -12,6 +12,7 @@ Each process runs in its own session so that stopping it takes its whole process
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -275,6 +276,26 @@ class PDCluster(_ProcessGroup):
         """The ``lynx`` section of worker ``name``'s ``/server_info``."""
         info = urllib.request.urlopen(f"{self.urls[name]}/server_info", timeout=30)
         return json.load(info)["internal_states"][0]["lynx"]
+
+    @contextlib.contextmanager
+    def link_at(self, mbps: float):
+        """The emulated link at ``mbps`` for a while, then back at the cluster's own rate."""
+        self.set_link(mbps)
+        try:
+            yield
+        finally:
+            self.set_link(self.spec.lynx.bandwidth_mbps)
+
+    def set_link(self, mbps: float) -> None:
+        """The emulated link's rate (prefill's ``lynx_bandwidth_mbps``), from its next write on."""
+        body = json.dumps({"server_args": {"lynx_bandwidth_mbps": mbps}}).encode()
+        request = urllib.request.Request(f"{self.spec.prefill_url}/set_internal_state", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            updated = json.load(r)  # per data-parallel rank, or one answer
+        if not all(updated if isinstance(updated, list) else [updated]):
+            raise ClusterError(f"prefill did not take a link of {mbps} Mbit/s (its log says why):\n"
+                               f"{self.log_tail('prefill', 5)}")
 
     def books(self, names: Optional[list[str]] = None) -> dict[str, Optional[dict]]:
         """What each live worker (of ``names``, default all) holds now (None: it does not answer, e.g. paused)."""

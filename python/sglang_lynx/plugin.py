@@ -40,6 +40,9 @@ target                                                             hook    what 
 ``Scheduler.is_fully_idle``                                        AFTER   pending Lynx work is work
 ``SchedulerInternalStateController.get_internal_state``            AFTER   a ``lynx`` section in
                                                                            ``/server_info``
+``SchedulerInternalStateController._update_handlers``              AFTER   ``/set_internal_state``
+                                                                           sets the link's rate
+                                                                           (``lynx_bandwidth_mbps``)
 =================================================================  ======  ============================
 
 and in ``lynx`` mode, speculation (``sglang_lynx.speculation.hooks``):
@@ -69,6 +72,7 @@ targets (:func:`check_sglang`), and turns off two prefill options it has never r
 """
 
 import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import logging
@@ -196,6 +200,8 @@ def lynx_hooks(mode: str) -> list:
         (f"{MANAGERS}.scheduler.Scheduler.is_fully_idle", _idle_unless_lynx_work, HookType.AFTER),
         (f"{MANAGERS}.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
          _report_lynx_state, HookType.AFTER),
+        (f"{MANAGERS}.scheduler_components.internal_state.SchedulerInternalStateController._update_handlers",
+         _lynx_updates, HookType.AFTER),
     ]
     if mode == "lynx":
         from sglang_lynx.speculation import hooks as spec
@@ -324,7 +330,7 @@ def _report_lynx_state(result, controller, *args, **kwargs):
     state = {"mode": (prefill or decode).lynx.mode, "free_kv_tokens": free_kv,
              "total_kv_tokens": scheduler.max_total_num_tokens}
     if prefill is not None:
-        state.update(residuals_in_flight=len(prefill.residual_plans),
+        state.update(bandwidth_mbps=prefill.lynx.bandwidth_mbps, residuals_in_flight=len(prefill.residual_plans),
                      deferred_releases=len(prefill.deferred_releases), rows_in_use=prefill.rows.rows_in_use,
                      rows_total=prefill.rows.num_rows, chunks_waiting_for_rows=len(prefill.waiting_chunks))
     if decode is not None:
@@ -334,6 +340,27 @@ def _report_lynx_state(result, controller, *args, **kwargs):
                      **speculation_state())
     result.internal_state["lynx"] = state
     return result
+
+
+def _lynx_updates(handlers, controller, *args, **kwargs):
+    """On a Lynx prefill worker, ``/set_internal_state`` takes ``lynx_bandwidth_mbps``."""
+    from sglang.srt.managers.scheduler_components.internal_state import UpdateRejected, _UpdateHandler
+
+    prefill = _lynx_manager(_prefill_manager(controller.scheduler))
+    if prefill is None:
+        return handlers
+
+    def check(key, mbps):
+        try:
+            dataclasses.replace(prefill.lynx, bandwidth_mbps=mbps)
+        except LynxConfigError as e:
+            raise UpdateRejected(str(e)) from None
+
+    def apply(key, mbps):
+        prefill.set_bandwidth(mbps)
+        logger.info("Lynx: the link now runs at %g Mbit/s", mbps)
+
+    return {**handlers, "lynx_bandwidth_mbps": _UpdateHandler(check, apply)}
 
 
 def _prefill_manager(scheduler):

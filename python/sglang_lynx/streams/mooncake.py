@@ -379,6 +379,12 @@ class LynxKVManager(MooncakeKVManager):
             else:
                 self.timings.flush(room)
 
+    def set_bandwidth(self, mbps: float) -> None:
+        """The emulated link's rate, from the next write on (``lynx_bandwidth_mbps`` of SGLang's
+        ``/set_internal_state``): a sweep over rates needs no restart."""
+        self.lynx = dataclasses.replace(self.lynx, bandwidth_mbps=mbps)  # checked as the flag is
+        self.pacer.set_rate(mbps)
+
     def _wait_concluded(self, room, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while (self.request_status.get(room) not in (KVPoll.Success, KVPoll.Failed, None)

@@ -30,14 +30,21 @@ class Pacer:
     """
 
     def __init__(self, mbps: Optional[float]):
-        self.bytes_per_s = None if mbps is None else mbps * 1e6 / 8
         self._free_at = 0.0
         self._lock = threading.Lock()
+        self.set_rate(mbps)
+
+    def set_rate(self, mbps: Optional[float]) -> None:
+        """From the next write on; a write already on the wire lands as it was paced."""
+        with self._lock:
+            self.bytes_per_s = None if mbps is None else mbps * 1e6 / 8
 
     def pace(self, nbytes: int) -> None:
-        if self.bytes_per_s is None or nbytes <= 0:
+        if nbytes <= 0:
             return
         with self._lock:
+            if self.bytes_per_s is None:
+                return
             start = max(time.monotonic(), self._free_at)
             self._free_at = start + nbytes / self.bytes_per_s
             lands_at = self._free_at
