@@ -3,14 +3,15 @@
     python -m sglang_lynx.bench faults --json bench-faults.json [--scenarios NAME,...] [--requests 4]
 
 One cluster: a prefill worker and two decode workers (``lynx`` mode, paced link) behind sglang-router.
-First every prompt is answered once with no fault (greedy: verified output, equal to ``int8``'s). Then,
-per scenario, several requests are sent at once (streaming and not), the fault strikes while they are
-in the phase the scenario names, and every request must end within the scenario's bound either with
-its correct output or with an HTTP error whose message names the cause. Whatever text a client
-received, also before an error, must be a prefix of the correct output: no client sees a speculated
-token that verification would have rejected. Afterwards every surviving worker is back at its
-starting count of free KV tokens and Lynx rows. Faults are real: processes are killed (SIGKILL) or
-paused (SIGSTOP), clients close their connections, bytes are flipped in prefill's memory.
+First every prompt is answered once with no fault (greedy: verified output, equal to ``int8``'s; on a
+fast link, which the answers do not depend on). Then, per scenario, several requests are sent at once
+(streaming and not), the fault strikes while they are in the phase the scenario names, and every
+request must end within the scenario's bound either with its correct output or with an HTTP error
+whose message names the cause. Whatever text a client received, also before an error, must be a prefix
+of the correct output: no client sees a speculated token that verification would have rejected.
+Afterwards every surviving worker is back at its starting count of free KV tokens and Lynx rows, and
+the cluster answers once more. Faults are real: processes are killed (SIGKILL) or paused (SIGSTOP),
+clients close their connections, bytes are flipped in prefill's memory.
 
 SGLang's own timeouts set the bounds, so the cluster runs with shorter ones than SGLang's defaults
 (``SERVER_ENV``); an operator sets the same variables.
@@ -47,6 +48,7 @@ SERVER_ENV = {
 PROMPT_LENGTHS = (512, 768, 1024, 640)
 MAX_TOKENS = 32
 SETTLE_S = 90  # time for the surviving workers to give back every page and row
+CHECK_LINK_MBPS = 1000  # the link for requests outside the faults: the correct answers, the one after
 
 
 def fault_cluster_spec(model_path: str, log_dir: Path, bandwidth_mbps: float = 20) -> ClusterSpec:
@@ -296,7 +298,8 @@ def run_scenario(pd: PDCluster, scenario: Scenario, ctx: Context, prompts: list[
         endings = [f.result() for f in pending]
     scenario.recover(pd)
     after, settle_s = pd.wait_settled(SETTLE_S)
-    served = send(pd.spec.router_url, prompts, expected, Request(1), ctx.ttft_s, 300)  # the cluster serves on
+    with pd.link_at(CHECK_LINK_MBPS):  # the cluster serves on
+        served = send(pd.spec.router_url, prompts, expected, Request(1), ctx.ttft_s, 300)
     errors_named = all(re.search(scenario.error_pattern, e.message) for e in endings if e.outcome == "error")
     checks = {
         "ended_in_bound": all(e.seconds <= scenario.bound_s for e in endings),
@@ -323,7 +326,8 @@ def run_scenario(pd: PDCluster, scenario: Scenario, ctx: Context, prompts: list[
 
 def run_suite(pd: PDCluster, ctx: Context, names: list[str], num_requests: int, progress=None) -> list[dict]:
     prompts = text_windows(ctx.model_path, list(PROMPT_LENGTHS))
-    with ThreadPoolExecutor(len(prompts)) as pool:  # at once, as the scenarios send them
+    # At once, as the scenarios send them, on a fast link: the answers do not depend on it.
+    with ThreadPoolExecutor(len(prompts)) as pool, pd.link_at(CHECK_LINK_MBPS):
         expected = [c.text for c in pool.map(lambda p: complete(pd.spec.router_url, p, max_tokens=MAX_TOKENS),
                                              prompts)]
     ctx.ttft_s = complete(pd.spec.router_url, prompts[-1], max_tokens=MAX_TOKENS, stream=True).ttft_s
