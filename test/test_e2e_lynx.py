@@ -26,7 +26,7 @@ from conftest import MAX_TOKENS, POOL_ARGS, PROMPTS
 
 pytestmark = pytest.mark.e2e
 
-# lynx: a link slow enough that a 150-token prompt alone on it decodes 16 tokens on the Anchor before its
+# lynx: a link slow enough that even a request alone on it decodes 16 tokens on the Anchor before its
 # Residual (~6 KB a token here) lands; 16-token pages, so that a short prompt ships little. int8, its
 # reference, has the same codec settings; its output does not depend on the link.
 LINK_MBPS = 4
@@ -40,9 +40,9 @@ MODES = {  # int8 answers first: lynx is compared with it
 }
 SERVER_ARGS = {"lynx": ["--enable-metrics"]}
 
-# Varied text, completions and chat. The first, behind a long preamble, alone on the link still decodes
-# 16 tokens on the Anchor before its Residual lands; the others, short, are asked at once while its Anchor
-# crosses, and each one's Residual waits behind the Anchors and Residuals of those before it.
+# Varied text, completions and chat, asked all at once behind a shared preamble (prefill computes it
+# once; every request still ships all its KV): a Residual waits behind the Anchors of the others, or,
+# alone on the link, still takes longer than 16 decode steps.
 PREAMBLE = (
     "The following is a collection of short passages written by students in an evening class on "
     "writing. Each student was given the opening of a text, or a question, and asked to continue it in "
@@ -51,7 +51,8 @@ PREAMBLE = (
     "programming and everyday life. Some are serious and some are light-hearted, but all of them try "
     "to be accurate, kind and easy to follow. The teacher collected them at the end of the term and "
     "kept the best ones for the next class. Here is one of them.\n\n")
-SPECULATION_PROMPTS = [PREAMBLE + "The old lighthouse keeper climbed the stairs every evening, and"] + [
+SPECULATION_PROMPTS = [PREAMBLE + text for text in (
+    "The old lighthouse keeper climbed the stairs every evening, and",
     "In 1858, the city of London suffered through a hot summer known as",
     "Photosynthesis is the process by which green plants",
     "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n",
@@ -63,7 +64,7 @@ SPECULATION_PROMPTS = [PREAMBLE + "The old lighthouse keeper climbed the stairs 
     "To be, or not to be, that is the question:",
     "The stock market fell sharply on Monday after",
     "Volcanoes form when molten rock from deep inside the Earth",
-] + [[{"role": "user", "content": question}] for question in (
+)] + [[{"role": "system", "content": PREAMBLE}, {"role": "user", "content": question}] for question in (
     "Explain in two sentences why the sky is blue.",
     "Write a haiku about autumn leaves.",
     "Give me three tips for learning a new language.",
@@ -148,28 +149,22 @@ def test_every_request_is_timed_and_the_residual_travels_only_in_lynx_mode(lynx_
         assert last["first_stream_bytes"] < 0.65 * (last["first_stream_bytes"] + last["residual_bytes"])
 
 
-def ask_all_at_once(cluster) -> list:
-    """The first speculation prompt, then, once its KV is on the link, all the others at once, streaming
-    every other one; (answer, send time) each."""
+def ask_all_at_once(url: str) -> list:
+    """Every speculation prompt at once, streaming every other one; (answer, send time) each."""
     def ask(i):
         sent = time.time()
-        answer = complete(cluster.spec.router_url, SPECULATION_PROMPTS[i], max_tokens=SPECULATION_MAX_TOKENS,
-                          stream=i % 2 == 1, ignore_eos=True)  # every request runs past the cap (stops: below)
+        answer = complete(url, SPECULATION_PROMPTS[i], max_tokens=SPECULATION_MAX_TOKENS, stream=i % 2 == 1,
+                          ignore_eos=True)  # every request runs past the cap (stops are tested below)
         return answer, sent
 
     with ThreadPoolExecutor(len(SPECULATION_PROMPTS)) as pool:
-        first = pool.submit(ask, 0)
-        deadline = time.monotonic() + 120
-        while (not first.done() and cluster.lynx_state("prefill")["rows_in_use"] == 0
-               and time.monotonic() < deadline):
-            time.sleep(0.02)
-        return [first.result(), *pool.map(ask, range(1, len(SPECULATION_PROMPTS)))]
+        return list(pool.map(ask, range(len(SPECULATION_PROMPTS))))
 
 
 def test_greedy_lynx_equals_int8_while_speculating_and_rolling_back(lynx_cluster):
     mode, cluster, timings = lynx_cluster
     only(mode, "int8", "lynx")
-    results = ask_all_at_once(cluster)
+    results = ask_all_at_once(cluster.spec.router_url)
     answers[mode]["speculation"] = results
     if mode == "int8":
         return
