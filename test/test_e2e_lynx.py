@@ -26,7 +26,7 @@ from conftest import MAX_TOKENS, POOL_ARGS, PROMPTS
 
 pytestmark = pytest.mark.e2e
 
-# lynx: a link slow enough that even a request alone on it decodes 16 tokens on the Anchor before its
+# lynx: a link slow enough that a 150-token prompt alone on it decodes 16 tokens on the Anchor before its
 # Residual (~6 KB a token here) lands; 16-token pages, so that a short prompt ships little. int8, its
 # reference, has the same codec settings; its output does not depend on the link.
 LINK_MBPS = 4
@@ -40,9 +40,7 @@ MODES = {  # int8 answers first: lynx is compared with it
 }
 SERVER_ARGS = {"lynx": ["--enable-metrics"]}
 
-# Varied text, completions and chat, asked all at once behind a shared preamble (prefill computes it
-# once; every request still ships all its KV): a Residual waits behind the Anchors of the others, or,
-# alone on the link, still takes longer than 16 decode steps.
+# Varied text, completions and chat: the first behind a long preamble, the others short.
 PREAMBLE = (
     "The following is a collection of short passages written by students in an evening class on "
     "writing. Each student was given the opening of a text, or a question, and asked to continue it in "
@@ -51,8 +49,7 @@ PREAMBLE = (
     "programming and everyday life. Some are serious and some are light-hearted, but all of them try "
     "to be accurate, kind and easy to follow. The teacher collected them at the end of the term and "
     "kept the best ones for the next class. Here is one of them.\n\n")
-SPECULATION_PROMPTS = [PREAMBLE + text for text in (
-    "The old lighthouse keeper climbed the stairs every evening, and",
+SPECULATION_PROMPTS = [PREAMBLE + "The old lighthouse keeper climbed the stairs every evening, and"] + [
     "In 1858, the city of London suffered through a hot summer known as",
     "Photosynthesis is the process by which green plants",
     "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n",
@@ -64,7 +61,7 @@ SPECULATION_PROMPTS = [PREAMBLE + text for text in (
     "To be, or not to be, that is the question:",
     "The stock market fell sharply on Monday after",
     "Volcanoes form when molten rock from deep inside the Earth",
-)] + [[{"role": "system", "content": PREAMBLE}, {"role": "user", "content": question}] for question in (
+] + [[{"role": "user", "content": question}] for question in (
     "Explain in two sentences why the sky is blue.",
     "Write a haiku about autumn leaves.",
     "Give me three tips for learning a new language.",
@@ -83,6 +80,7 @@ MEDIUM = SPECULATION_PROMPTS[0]  # ~150 tokens: a Residual of ~1.8 s here
 SAMPLING_PROMPT = "Here is a list of fruits: apple, banana, cherry,"  # a few likely tokens at each step
 SAMPLES = 200
 SAMPLING_LINK_MBPS = 16
+HELD_MBPS = 0.001  # a link that carries next to nothing until it is set back
 
 answers: dict[str, dict] = {}  # mode -> name -> answer, for comparing modes
 
@@ -149,22 +147,31 @@ def test_every_request_is_timed_and_the_residual_travels_only_in_lynx_mode(lynx_
         assert last["first_stream_bytes"] < 0.65 * (last["first_stream_bytes"] + last["residual_bytes"])
 
 
-def ask_all_at_once(url: str) -> list:
-    """Every speculation prompt at once, streaming every other one; (answer, send time) each."""
+def ask_all_at_once(cluster, mode: str) -> list:
+    """Every speculation prompt at once, streaming every other one; (answer, send time) each. In lynx
+    mode the link carries nothing until prefill holds the KV of every one of them: each Residual then
+    waits behind every Anchor and the Residuals before it, however prefill batched the requests."""
     def ask(i):
         sent = time.time()
-        answer = complete(url, SPECULATION_PROMPTS[i], max_tokens=SPECULATION_MAX_TOKENS, stream=i % 2 == 1,
-                          ignore_eos=True)  # every request runs past the cap (stops are tested below)
+        answer = complete(cluster.spec.router_url, SPECULATION_PROMPTS[i], max_tokens=SPECULATION_MAX_TOKENS,
+                          stream=i % 2 == 1, ignore_eos=True)  # every request runs past the cap (stops: below)
         return answer, sent
 
+    cluster.wait_settled()  # no row held from before: prefill holds rows for these requests alone
     with ThreadPoolExecutor(len(SPECULATION_PROMPTS)) as pool:
-        return list(pool.map(ask, range(len(SPECULATION_PROMPTS))))
+        with cluster.link_at(HELD_MBPS) if mode == "lynx" else nullcontext():
+            asked = [pool.submit(ask, i) for i in range(len(SPECULATION_PROMPTS))]
+            deadline = time.monotonic() + 120
+            while mode == "lynx" and cluster.lynx_state("prefill")["requests_holding_rows"] < len(asked):
+                assert time.monotonic() < deadline, "prefill never held every request's KV"
+                time.sleep(0.05)
+        return [a.result() for a in asked]
 
 
 def test_greedy_lynx_equals_int8_while_speculating_and_rolling_back(lynx_cluster):
     mode, cluster, timings = lynx_cluster
     only(mode, "int8", "lynx")
-    results = ask_all_at_once(cluster.spec.router_url)
+    results = ask_all_at_once(cluster, mode)
     answers[mode]["speculation"] = results
     if mode == "int8":
         return
@@ -404,6 +411,7 @@ def test_the_link_rate_is_set_at_runtime(lynx_cluster):
         sent = next(r for r in records(timings, "prefill") if r["room"] == room)
         return sent["residual_bytes"] * 8 / 1e6 / (sent["residual_sent"] - sent["first_stream_sent"])
 
+    cluster.wait_settled()  # no Residual of an earlier request left on the link
     assert cluster.lynx_state("prefill")["bandwidth_mbps"] == LINK_MBPS
     with cluster.link_at(4 * LINK_MBPS):
         assert cluster.lynx_state("prefill")["bandwidth_mbps"] == 4 * LINK_MBPS

@@ -38,6 +38,14 @@ def test_a_new_rate_paces_the_writes_after_it():
     assert 0.02 <= time.monotonic() - start < 0.12  # 20 ms at the new rate (200 ms at the old)
 
 
+def test_a_write_on_the_wire_crosses_at_the_new_rate_once_the_link_speeds_up():
+    pacer = Pacer(mbps=8)  # 1 MB/s: 1 s for the write alone
+    threading.Timer(0.1, pacer.set_rate, args=(80,)).start()  # 10 MB/s after 100 kB
+    start = time.monotonic()
+    pacer.pace(1_000_000)
+    assert 0.15 <= time.monotonic() - start < 0.5  # 0.1 s + 900 kB at 10 MB/s
+
+
 def test_unpaced_link_does_not_wait():
     start = time.monotonic()
     Pacer(mbps=None).pace(10**9)

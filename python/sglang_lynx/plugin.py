@@ -328,7 +328,8 @@ def _report_lynx_state(result, controller, *args, **kwargs):
     # Pages the radix cache keeps only for reuse count as free: it gives them up on demand.
     free_kv = scheduler.token_to_kv_pool_allocator.available_size() + scheduler.tree_cache.evictable_size()
     state = {"mode": (prefill or decode).lynx.mode, "free_kv_tokens": free_kv,
-             "total_kv_tokens": scheduler.max_total_num_tokens}
+             "total_kv_tokens": scheduler.max_total_num_tokens,
+             "requests_holding_rows": len((prefill or decode).staged)}
     if prefill is not None:
         state.update(bandwidth_mbps=prefill.lynx.bandwidth_mbps, residuals_in_flight=len(prefill.residual_plans),
                      deferred_releases=len(prefill.deferred_releases), rows_in_use=prefill.rows.rows_in_use,

@@ -26,31 +26,43 @@ class Pacer:
     """A token bucket that holds each write until its bytes would have crossed the link.
 
     ``mbps=None`` means an unpaced link. Writes are serialised like bytes on one wire: a write
-    of n bytes that starts when the link is free lands n * 8 / rate seconds later.
+    of n bytes that starts when the link is free lands n * 8 / rate seconds later. A new rate
+    applies at once, to the bytes still on the wire too, as when a real link speeds up or slows down.
     """
 
     def __init__(self, mbps: Optional[float]):
-        self._free_at = 0.0
-        self._lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._written = 0.0  # bytes handed to the wire so far; it carries them in order
+        self._carried = 0.0  # of those, the bytes it had carried at self._at
+        self._at = time.monotonic()
+        self.bytes_per_s: Optional[float] = None
         self.set_rate(mbps)
 
     def set_rate(self, mbps: Optional[float]) -> None:
-        """From the next write on; a write already on the wire lands as it was paced."""
-        with self._lock:
+        with self._cv:
+            self._advance()
             self.bytes_per_s = None if mbps is None else mbps * 1e6 / 8
+            self._cv.notify_all()
 
     def pace(self, nbytes: int) -> None:
-        if nbytes <= 0:
-            return
-        with self._lock:
-            if self.bytes_per_s is None:
+        with self._cv:
+            if nbytes <= 0 or self.bytes_per_s is None:
                 return
-            start = max(time.monotonic(), self._free_at)
-            self._free_at = start + nbytes / self.bytes_per_s
-            lands_at = self._free_at
-        delay = lands_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+            self._advance()
+            self._written += nbytes
+            last_byte = self._written
+            while self._carried < last_byte:
+                self._cv.wait((last_byte - self._carried) / self.bytes_per_s)
+                self._advance()
+
+    def _advance(self) -> None:
+        """Bring the wire up to now (the lock held). An idle wire saves no time for later writes."""
+        now = time.monotonic()
+        if self.bytes_per_s is None:
+            self._carried = self._written
+        else:
+            self._carried = min(self._written, self._carried + (now - self._at) * self.bytes_per_s)
+        self._at = now
 
 
 class StreamScheduler:
