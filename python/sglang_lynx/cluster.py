@@ -287,7 +287,7 @@ class PDCluster(_ProcessGroup):
             self.set_link(self.spec.lynx.bandwidth_mbps)
 
     def set_link(self, mbps: float) -> None:
-        """The emulated link's rate (prefill's ``lynx_bandwidth_mbps``), from its next write on."""
+        """The emulated link's rate (prefill's ``lynx_bandwidth_mbps``), at once."""
         body = json.dumps({"server_args": {"lynx_bandwidth_mbps": mbps}}).encode()
         request = urllib.request.Request(f"{self.spec.prefill_url}/set_internal_state", data=body,
                                          headers={"Content-Type": "application/json"})

@@ -380,7 +380,7 @@ class LynxKVManager(MooncakeKVManager):
                 self.timings.flush(room)
 
     def set_bandwidth(self, mbps: float) -> None:
-        """The emulated link's rate, from the next write on (``lynx_bandwidth_mbps`` of SGLang's
+        """The emulated link's rate, at once (``lynx_bandwidth_mbps`` of SGLang's
         ``/set_internal_state``): a sweep over rates needs no restart."""
         self.lynx = dataclasses.replace(self.lynx, bandwidth_mbps=mbps)  # checked as the flag is
         self.pacer.set_rate(mbps)
