@@ -400,8 +400,8 @@ def test_a_request_aborted_mid_speculation_shows_no_logprob_past_its_verified_to
 
 
 def test_the_link_rate_is_set_at_runtime(lynx_cluster):
-    """SGLang's ``/set_internal_state`` sets prefill's link (``lynx_bandwidth_mbps``) from the next
-    write on; a rate the flag would refuse is refused, and the link keeps its rate."""
+    """SGLang's ``/set_internal_state`` sets prefill's link (``lynx_bandwidth_mbps``) at once; a rate
+    the flag would refuse is refused, and the link keeps its rate."""
     mode, cluster, timings = lynx_cluster
     only(mode, "lynx")
 
