@@ -161,10 +161,12 @@ def ask_all_at_once(cluster, mode: str) -> list:
     with ThreadPoolExecutor(len(SPECULATION_PROMPTS)) as pool:
         with cluster.link_at(HELD_MBPS) if mode == "lynx" else nullcontext():
             asked = [pool.submit(ask, i) for i in range(len(SPECULATION_PROMPTS))]
-            deadline = time.monotonic() + 120
-            while mode == "lynx" and cluster.lynx_state("prefill")["requests_holding_rows"] < len(asked):
-                assert time.monotonic() < deadline, "prefill never held every request's KV"
-                time.sleep(0.05)
+
+            def prefill_holds_every_request(books):
+                return books["prefill"]["requests_holding_rows"] >= len(asked)
+
+            if mode == "lynx":
+                cluster.wait_until(prefill_holds_every_request, workers=["prefill"])
         return [a.result() for a in asked]
 
 

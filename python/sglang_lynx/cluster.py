@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
@@ -280,6 +280,9 @@ class PDCluster(_ProcessGroup):
     @contextlib.contextmanager
     def link_at(self, mbps: float):
         """The emulated link at ``mbps`` for a while, then back at the cluster's own rate."""
+        if self.spec.lynx.bandwidth_mbps is None:
+            raise ClusterError("the cluster's link is not paced (no --lynx-bandwidth-mbps): there is no rate "
+                               "to come back to")
         self.set_link(mbps)
         try:
             yield
@@ -309,10 +312,19 @@ class PDCluster(_ProcessGroup):
                 books[name] = None
                 continue
             books[name] = {"rows_in_use": s["rows_in_use"], "kv_tokens_in_use": s["total_kv_tokens"] - s["free_kv_tokens"]}
-            for key in ("residuals_in_flight", "speculating", "paused"):  # prefill's, decode's
+            for key in ("requests_holding_rows", "residuals_in_flight", "speculating", "paused"):
                 if key in s:
                     books[name][key] = s[key]
         return books
+
+    def wait_until(self, phase: Callable[[dict], bool], timeout: float = 120,
+                   workers: Optional[list[str]] = None) -> None:
+        """Poll the books of the workers (or only ``workers``) until ``phase(books)`` holds."""
+        deadline = time.monotonic() + timeout
+        while not phase(self.books(workers)):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the workers never reached the phase {phase.__name__}")
+            time.sleep(0.05)
 
     def wait_settled(self, timeout: float = 60) -> tuple[dict, float]:
         """Wait until no live worker holds anything; the books then (or at the timeout), and the wait."""

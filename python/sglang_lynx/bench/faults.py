@@ -125,16 +125,6 @@ def send(url: str, prompts: list[str], expected: list[str], req: Request, ttft_s
 # --- the phases a fault strikes in ---------------------------------------------------------------
 
 
-def wait_for(pd: PDCluster, phase: Callable[[dict], bool], timeout: float = 120,
-             workers: Optional[list[str]] = None) -> None:
-    """Poll the workers (or only ``workers``) until ``phase(pd.books(workers))`` holds."""
-    deadline = time.monotonic() + timeout
-    while not phase(pd.books(workers)):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the requests never reached the phase {phase.__name__}")
-        time.sleep(0.05)
-
-
 def anchors_streaming(state: dict) -> bool:
     decodes = [s for n, s in state.items() if n != "prefill" and s]
     return bool(state.get("prefill") and state["prefill"]["rows_in_use"]) and not any(s["speculating"] for s in decodes)
@@ -180,7 +170,7 @@ def mixed(n: int) -> list[Request]:
 
 def kill_prefill_when(phase: Callable[[dict], bool]):
     def strike(pd: PDCluster) -> None:
-        wait_for(pd, phase)
+        pd.wait_until(phase)
         pd.kill("prefill")
     return strike
 
@@ -188,9 +178,9 @@ def kill_prefill_when(phase: Callable[[dict], bool]):
 def kill_prefill_at_cap(pd: PDCluster) -> None:
     """Once a request speculates, prefill's sender stops (SIGSTOP), so the request reaches its cap with
     its Residual still due, whatever the pace of decode and link; then prefill is killed."""
-    wait_for(pd, residuals_streaming)
+    pd.wait_until(residuals_streaming)
     pd.pause("prefill", "sglang::scheduler")
-    wait_for(pd, at_cap, workers=[name for name in pd.urls if name != "prefill"])
+    pd.wait_until(at_cap, workers=[name for name in pd.urls if name != "prefill"])
     pd.kill("prefill")
 
 
@@ -199,14 +189,14 @@ def restart_prefill(pd: PDCluster) -> None:
 
 
 def kill_decode(pd: PDCluster) -> None:
-    wait_for(pd, anchors_streaming)
+    pd.wait_until(anchors_streaming)
     pd.kill("decode-2")
 
 
 def stall_link(pd: PDCluster) -> None:
     """Prefill's scheduler (the sender) stops, its bootstrap server answers on: to decode, a link
     that carries nothing, for longer than decode waits for KV."""
-    wait_for(pd, anchors_streaming)
+    pd.wait_until(anchors_streaming)
     pd.pause("prefill", "sglang::scheduler")
     time.sleep(WAITING_TIMEOUT_S + 10)
     pd.resume("prefill", "sglang::scheduler")
