@@ -191,6 +191,15 @@ class _ProcessGroup:
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
+    def cpu_percent(self, seconds: float) -> float:
+        """How busy every process of the group kept the CPU over the next ``seconds`` (100: one core)."""
+        roots = [psutil.Process(proc.pid) for proc in self.procs.values()]
+        family = roots + [child for root in roots for child in root.children(recursive=True)]
+        for p in family:
+            p.cpu_percent(None)
+        time.sleep(seconds)
+        return sum(p.cpu_percent(None) for p in family if p.is_running())
+
     def log_tail(self, name: str, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
@@ -250,10 +259,13 @@ class PDCluster(_ProcessGroup):
             "--prometheus-port", str(free_port()),  # its default (29000) would clash with a second cluster
             # The defaults (a 5 s timeout) mark a worker busy with a long prefill as dead; a worker's
             # /health answers within SGLANG_HEALTH_CHECK_TIMEOUT (compat.cpu: 300 s).
-            "--health-check-interval-secs", "10",
+            "--health-check-interval-secs", "5",
             "--health-check-timeout-secs", "300",
-            # Route to a worker at its first passing check, not the second, 10 s later; look for
-            # starting workers every second (default 30).
+            # So a check fails only when the worker is gone (refused, or 503 while it shuts down or
+            # starts): stop routing to it at the first failing check, not after three (the router
+            # retries a request on a dead worker until then), and route to it again at the first
+            # passing one; look for starting workers every second (default 30).
+            "--health-failure-threshold", "1",
             "--health-success-threshold", "1",
             "--worker-startup-check-interval", "1",
             # With one worker per role an open circuit refuses every request for a minute;

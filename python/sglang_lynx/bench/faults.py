@@ -45,6 +45,7 @@ SERVER_ENV = {
     "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30",  # prefill gives up on a decode worker that never asks
     "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "2",  # decode notices a dead prefill in a few seconds
 }
+STALL_MARGIN_S = 3  # a stalled link stays down this long past the timeout: decode sees it within a poll
 PROMPT_LENGTHS = (512, 768, 1024, 640)
 MAX_TOKENS = 32
 SETTLE_S = 90  # time for the surviving workers to give back every page and row
@@ -198,7 +199,7 @@ def stall_link(pd: PDCluster) -> None:
     that carries nothing, for longer than decode waits for KV."""
     pd.wait_until(anchors_streaming)
     pd.pause("prefill", "sglang::scheduler")
-    time.sleep(WAITING_TIMEOUT_S + 10)
+    time.sleep(WAITING_TIMEOUT_S + STALL_MARGIN_S)
     pd.resume("prefill", "sglang::scheduler")
 
 
@@ -248,7 +249,7 @@ SCENARIOS = [
     Scenario("corrupt-residual", "bytes of a row's Residual flipped after prefill checksummed them",
              "the request fails with a checksum error after its first token, speculated tokens unseen", 60,
              corrupted, corrupt("Residual"), error_pattern="checksum", must_fail=True),
-    Scenario("link-stall", f"prefill's sender paused (SIGSTOP) for {WAITING_TIMEOUT_S + 10} s while Anchors stream, "
+    Scenario("link-stall", f"prefill's sender paused (SIGSTOP) for {WAITING_TIMEOUT_S + STALL_MARGIN_S} s while Anchors stream, "
              "longer than decode waits for KV, then resumed", "requests in flight fail with a timeout (or answer); "
              "the cluster serves again", WAITING_TIMEOUT_S + 90, mixed, stall_link,
              error_pattern=r"(?i)time|within|arrive"),

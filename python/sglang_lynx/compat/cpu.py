@@ -11,7 +11,7 @@ Everything here is inactive when CUDA is available. Nothing edits an installed f
   decode host pool, pinned transfer indices with a CUDA event on prefill);
 * server-argument defaults for a CPU (fp32, the torch-native attention backend, sleep when
   idle so two cores are not burnt busy-polling), set as defaults of SGLang's argument parser by
-  the plugin;
+  the plugin, and a short nap between polls while requests wait on KV transfers (SGLang spins then);
 * a KV pool sized for the model and a machine that hosts prefill and decode side by side
   (:func:`kv_pool_budget`), unless ``--max-total-tokens`` says otherwise.
 
@@ -27,6 +27,7 @@ import importlib.util
 import os
 import sys
 import logging
+import time
 import types
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ SERVER_ARG_DEFAULTS = {
     "disaggregation_decode_retraction_backup": "cpu_tensor",
 }
 
+
+# A scheduler with no batch to run but requests waiting on KV transfers polls again after this long,
+# or at once when a new request comes: SGLang polls at once, which keeps a core busy per worker.
+TRANSFER_POLL_MS = 5
 
 # What a worker's processes import before they differ: the fork server imports it once for all of them.
 FORK_SERVER_PRELOAD = ("sglang_lynx.compat.fork_server", "sglang.srt.managers.scheduler",
@@ -125,6 +130,7 @@ def hooks() -> list:
         ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",
          _size_kv_pool, HookType.AROUND),
         ("sglang.srt.entrypoints.engine._set_envs_and_config", _fork_workers, HookType.AFTER),
+        ("sglang.srt.managers.scheduler.Scheduler.on_idle", _nap_while_transfers_wait, HookType.AFTER),
     ]
 
 
@@ -172,6 +178,19 @@ def _fork_workers(result, *args, **kwargs) -> None:
 
     multiprocessing.set_start_method("forkserver", force=True)
     multiprocessing.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
+
+
+def _nap_while_transfers_wait(result, scheduler, *args, **kwargs) -> None:
+    """AFTER ``Scheduler.on_idle``. Fully idle, SGLang has slept already (``--sleep-on-idle``); with
+    requests waiting on transfers (bootstrap, KV in flight) it returns at once and the event loop polls
+    again: a core per worker, which prefill, decode, router and clients share on a small CPU machine.
+    Wait for a new request up to TRANSFER_POLL_MS instead; a transfer is then seen that much later."""
+    if scheduler.is_fully_idle():
+        return
+    if scheduler.idle_sleeper is not None:
+        scheduler.idle_sleeper.poller.poll(TRANSFER_POLL_MS)
+    else:
+        time.sleep(TRANSFER_POLL_MS / 1000)
 
 
 def _nothing_to_pin(*args, **kwargs) -> None:
