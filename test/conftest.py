@@ -5,7 +5,8 @@ from sglang_lynx.compat import cpu
 cpu.activate()  # before any test imports SGLang, as the launcher does
 
 from sglang_lynx.client import complete  # noqa: E402
-from sglang_lynx.cluster import SingleServer  # noqa: E402
+from sglang_lynx.cluster import ClusterSpec, PDCluster, SingleServer, settled  # noqa: E402
+from sglang_lynx.config import LynxConfig  # noqa: E402
 from sglang_lynx.models import smollm2  # noqa: E402
 
 MAX_TOKENS = 24
@@ -37,3 +38,55 @@ def reference(model_path, tmp_path_factory):
     with SingleServer(model_path, log_dir=tmp_path_factory.mktemp("single"), server_args=POOL_ARGS) as server:
         return {name: complete(server.url, prompt, max_tokens=MAX_TOKENS).text
                 for name, prompt in PROMPTS.items()}
+
+
+# The Lynx PD clusters that test modules share, by name. A module asks for some of them with
+# ``pytest.mark.parametrize("lynx_pd", [...], indirect=True)`` (default: all); pytest runs the tests of
+# one cluster together, so each starts once, and stops before the next starts (memory).
+# lynx: a link slow enough that a 150-token prompt alone on it decodes 16 tokens on the Anchor before its
+# Residual (~6 KB a token here) lands; 16-token pages, so that a short prompt ships little. int8, its
+# reference, has the same codec settings; its output does not depend on the link. Both stage rows for
+# two 1024-token prompts at once (128 rows of 16 tokens): test_e2e_staging fills them.
+LINK_MBPS = 4
+GROUP = 16
+CAP = 24  # speculated tokens before the Residual must land (default 64: lower, to see the cap hold)
+STAGING_MB = 27
+LYNX_CLUSTERS = {  # int8 answers first: lynx is compared with it
+    "raw": LynxConfig(mode="raw", bandwidth_mbps=200),  # fp32 pages: 7x the bytes of int4, paced all the same
+    "int8": LynxConfig(mode="int8", bandwidth_mbps=400, group_size=GROUP, staging_mb=STAGING_MB),
+    "lynx": LynxConfig(mode="lynx", bandwidth_mbps=LINK_MBPS, group_size=GROUP, max_speculative_tokens=CAP,
+                       staging_mb=STAGING_MB),
+    "int4": LynxConfig(mode="int4", bandwidth_mbps=16),
+}
+LYNX_SERVER_ARGS = {"lynx": ["--enable-metrics"]}
+
+
+@pytest.fixture(scope="session", params=list(LYNX_CLUSTERS))
+def lynx_pd(request, model_path, reference, tmp_path_factory):
+    """(name, cluster, its timings file) for a cluster of LYNX_CLUSTERS; modules use ``lynx_cluster``."""
+    log_dir = tmp_path_factory.mktemp(request.param)
+    timings = log_dir / "timings.jsonl"
+    lynx = LynxConfig(**{**LYNX_CLUSTERS[request.param].__dict__, "timings_file": str(timings)})
+    spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir,
+                       server_args=POOL_ARGS + LYNX_SERVER_ARGS.get(request.param, []))
+    with PDCluster(spec) as cluster:
+        yield request.param, cluster, timings
+
+
+@pytest.fixture(scope="module")
+def lynx_cluster(lynx_pd):
+    """A shared cluster as one module finds and leaves it: holding nothing, no KV page, row or request of
+    another module's; what a module leaves held fails it, at its end."""
+    name, cluster, _ = lynx_pd
+    books, _ = cluster.wait_settled(timeout=10)
+    assert settled(books), f"the {name} cluster holds something before this module starts: {books}"
+    yield lynx_pd
+    books, _ = cluster.wait_settled()
+    assert settled(books), f"the {name} cluster holds something after this module's tests: {books}"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """The tests on shared clusters run last (pytest has grouped them by cluster): the last cluster then
+    stops at the end of the session without another test's cluster starting beside it."""
+    items.sort(key=lambda item: "lynx_pd" in item.fixturenames)

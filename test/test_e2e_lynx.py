@@ -6,6 +6,7 @@ verification, and answers exactly like int8. Its link is slow enough, and its re
 at once, that every request speculates for a while before its Residual lands.
 """
 
+import collections
 import json
 import math
 import subprocess
@@ -19,26 +20,12 @@ from scipy.stats import chi2_contingency
 
 from sglang_lynx.bench.serving import bench_serving_cmd
 from sglang_lynx.client import complete
-from sglang_lynx.cluster import ClusterError, ClusterSpec, PDCluster
-from sglang_lynx.config import LynxConfig
+from sglang_lynx.cluster import ClusterError
 
-from conftest import MAX_TOKENS, POOL_ARGS, PROMPTS
+from conftest import CAP, LINK_MBPS, MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.e2e
 
-# lynx: a link slow enough that a 150-token prompt alone on it decodes 16 tokens on the Anchor before its
-# Residual (~6 KB a token here) lands; 16-token pages, so that a short prompt ships little. int8, its
-# reference, has the same codec settings; its output does not depend on the link.
-LINK_MBPS = 4
-GROUP = 16
-CAP = 24  # speculated tokens before the Residual must land (default 64: lower, to see the cap hold)
-MODES = {  # int8 answers first: lynx is compared with it
-    "raw": LynxConfig(mode="raw", bandwidth_mbps=200),  # fp32 pages: 7x the bytes of int4, paced all the same
-    "int8": LynxConfig(mode="int8", bandwidth_mbps=400, group_size=GROUP),
-    "lynx": LynxConfig(mode="lynx", bandwidth_mbps=LINK_MBPS, group_size=GROUP, max_speculative_tokens=CAP),
-    "int4": LynxConfig(mode="int4", bandwidth_mbps=16),
-}
-SERVER_ARGS = {"lynx": ["--enable-metrics"]}
 
 # Varied text, completions and chat: the first behind a long preamble, the others short.
 PREAMBLE = (
@@ -82,20 +69,7 @@ SAMPLES = 200
 SAMPLING_LINK_MBPS = 16
 HELD_MBPS = 0.001  # a link that carries next to nothing until it is set back
 
-answers: dict[str, dict] = {}  # mode -> name -> answer, for comparing modes
-
-
-@pytest.fixture(scope="module", params=list(MODES))
-def lynx_cluster(request, model_path, reference, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp(request.param)
-    timings = log_dir / "timings.jsonl"
-    config = MODES[request.param]
-    lynx = LynxConfig(**{**config.__dict__, "timings_file": str(timings)})
-    spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir,
-                       server_args=POOL_ARGS + SERVER_ARGS.get(request.param, []))
-    with PDCluster(spec) as cluster:
-        answers[request.param] = {"started": cluster.lynx_state("decode")}
-        yield request.param, cluster, timings
+answers: dict[str, dict] = collections.defaultdict(dict)  # mode -> name -> answer, for comparing modes
 
 
 def records(timings, role: str) -> list[dict]:
@@ -424,6 +398,20 @@ def test_the_link_rate_is_set_at_runtime(lynx_cluster):
     assert residual_mbps() <= 1.05 * LINK_MBPS
 
 
+@pytest.mark.parametrize("lynx_pd", ["lynx"], indirect=True)
+def test_workers_waiting_on_the_link_do_not_keep_a_core_busy(lynx_cluster):
+    """Prefill with a request's KV on the link and decode waiting for it poll, and sleep between polls:
+    the two cores stay free for the workers that compute, the router and the clients."""
+    _, cluster, _ = lynx_cluster
+    with ThreadPoolExecutor(1) as pool:
+        with cluster.link_at(HELD_MBPS):
+            answer = pool.submit(complete, cluster.spec.router_url, MEDIUM, max_tokens=2)
+            cluster.wait_until(lambda books: books["prefill"]["requests_holding_rows"] == 1, workers=["prefill"])
+            busy = cluster.cpu_percent(seconds=5)
+        assert answer.result().text
+    assert busy < 40, f"a cluster waiting on its link used {busy:.0f}% of a core"
+
+
 def test_speculation_counters_are_exported_with_sglang_s_prometheus_metrics(lynx_cluster):
     mode, cluster, _ = lynx_cluster
     only(mode, "lynx")
@@ -453,9 +441,8 @@ def test_sglang_s_own_load_generator_runs_against_the_router(lynx_cluster, model
 
 def test_nothing_is_left_held_after_the_requests(lynx_cluster):
     """Decode's KV slots and Lynx rows are back at their starting count, aborts included."""
-    mode, cluster, _ = lynx_cluster
-    started = answers[mode]["started"]
+    mode, cluster, _ = lynx_cluster  # which held nothing when this module started (conftest)
     cluster.wait_settled(timeout=60)
     state = cluster.lynx_state("decode")
-    assert state["free_kv_tokens"] == started["free_kv_tokens"] == started["total_kv_tokens"]
+    assert state["free_kv_tokens"] == state["total_kv_tokens"]
     assert state["rows_in_use"] == 0 and state.get("speculating", 0) == 0

@@ -1,4 +1,4 @@
-"""The staging area end to end: rows for about two long prompts, sixteen prompts of mixed lengths at once.
+"""The staging area end to end: rows for two long prompts, sixteen prompts of mixed lengths at once.
 
 Requests the rows cannot hold yet wait (decode keeps them in SGLang's prealloc queue; prefill keeps
 their encode), oldest first, and then answer exactly as a request alone does (and ``lynx`` as ``int8``).
@@ -15,21 +15,16 @@ import pytest
 import requests
 
 from sglang_lynx.client import complete
-from sglang_lynx.cluster import ClusterSpec, PDCluster, settled
-from sglang_lynx.config import LynxConfig
+from sglang_lynx.cluster import settled
 from sglang_lynx.data import text_windows
 
-from conftest import POOL_ARGS
-
-pytestmark = pytest.mark.e2e
+# The shared int8 and lynx clusters, whose rows hold two 1024-token prompts (conftest); int8 first:
+# lynx answers as it does.
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("lynx_pd", ["int8", "lynx"], indirect=True)]
 
 LENGTHS = random.Random(0).sample([128 + (1024 - 128) * i // 15 for i in range(16)], 16)
 MAX_TOKENS = 8
-STAGING_MB = 24  # 32 rows of a 64-token page (774 kB each here): two 1024-token prompts
-MODES = {  # int8 first: lynx answers as it does
-    "int8": LynxConfig(mode="int8", staging_mb=STAGING_MB),
-    "lynx": LynxConfig(mode="lynx", staging_mb=STAGING_MB, bandwidth_mbps=400),
-}
+LINK_MBPS = 400  # the staging area, not the link, holds the requests back
 ALONE = 3  # prompts int8 also answers one at a time, with every row free
 
 answers: dict[str, list] = {}
@@ -40,13 +35,11 @@ def prompts(model_path) -> list[str]:
     return text_windows(model_path, LENGTHS)
 
 
-@pytest.fixture(scope="module", params=list(MODES))
-def cluster(request, model_path, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp(request.param)
-    timings = log_dir / "timings.jsonl"
-    lynx = LynxConfig(**{**MODES[request.param].__dict__, "timings_file": str(timings)})
-    with PDCluster(ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir, server_args=POOL_ARGS)) as pd:
-        yield request.param, pd, timings
+@pytest.fixture(scope="module")
+def cluster(lynx_cluster):
+    name, pd, timings = lynx_cluster
+    with pd.link_at(LINK_MBPS):
+        yield name, pd, timings
 
 
 def all_at_once(url: str, prompts: list, **kwargs) -> list:
@@ -57,8 +50,9 @@ def all_at_once(url: str, prompts: list, **kwargs) -> list:
 def test_sixteen_prompts_share_rows_for_two_and_answer_as_with_every_row_free(cluster, prompts):
     name, pd, timings = cluster
     state = pd.lynx_state("decode")
+    page_size = requests.get(f"{pd.spec.decode_url}/server_info", timeout=30).json()["page_size"]
     assert state["rows_in_use"] == 0
-    assert state["rows_total"] * 64 <= 2 * max(LENGTHS) + 128  # about two of the longest prompts
+    assert state["rows_total"] * page_size <= 2 * max(LENGTHS) + 128  # about two of the longest prompts
     got = all_at_once(pd.spec.router_url, prompts)
     assert all(c.finish_reason == "length" for c in got)
     answers[name] = [c.text for c in got]
