@@ -43,6 +43,10 @@ DEFAULT_STATE_DIR = Path(".lynx-cluster")
 PORT_RANGE_START = 30000
 _handed_out: set[int] = set()
 PORT_TAKEN = "error while attempting to bind"  # uvicorn's message
+# sglang-router's launcher, less the SGLang import (4 CPU-seconds here) that only the tracing of its
+# Python load balancer (--mini-lb, unused: the router is Rust) needs: the import is optional there.
+ROUTER_LAUNCHER = [sys.executable, "-c", "import sys; sys.modules['sglang.srt.tracing.trace'] = None; "
+                   "from sglang_router.launch_router import main; main()"]
 
 
 def free_port() -> int:
@@ -246,11 +250,10 @@ class PDCluster(_ProcessGroup):
         self.spawn("prefill", self._worker_cmd("prefill"))
         for name in spec.decode_urls:
             self.spawn(name, self._worker_cmd(name))
-        # The router starts beside the workers (its own start-up takes seconds) and admits each one
-        # once it answers.
+        # The router starts beside the workers (in a second) and admits each one once it answers.
         decodes = [arg for url in spec.decode_urls.values() for arg in ("--decode", url)]
         self.spawn("router", [
-            sys.executable, "-m", "sglang_router.launch_router",
+            *ROUTER_LAUNCHER,
             "--pd-disaggregation",
             "--prefill", spec.prefill_url, str(spec.bootstrap_port),
             *decodes,
@@ -264,7 +267,7 @@ class PDCluster(_ProcessGroup):
             # So a check fails only when the worker is gone (refused, or 503 while it shuts down or
             # starts): stop routing to it at the first failing check, not after three (the router
             # retries a request on a dead worker until then), and route to it again at the first
-            # passing one; look for starting workers every second (default 30).
+            # passing one; look for starting workers after 1, 2, 3, 4, then every 5 s (default: 30 s).
             "--health-failure-threshold", "1",
             "--health-success-threshold", "1",
             "--worker-startup-check-interval", "1",
