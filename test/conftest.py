@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from sglang_lynx.compat import cpu
@@ -32,12 +34,28 @@ def model_path() -> str:
     return str(smollm2())
 
 
-@pytest.fixture(scope="session")
-def reference(model_path, tmp_path_factory):
-    """Greedy answers of one ordinary SGLang server (stopped before any PD pair starts: memory)."""
-    with SingleServer(model_path, log_dir=tmp_path_factory.mktemp("single"), server_args=POOL_ARGS) as server:
+def single_server_answers(model_path: str, log_dir) -> dict[str, str]:
+    with SingleServer(model_path, log_dir=log_dir, server_args=POOL_ARGS) as server:
         return {name: complete(server.url, prompt, max_tokens=MAX_TOKENS).text
                 for name, prompt in PROMPTS.items()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reference_in_background(request, model_path, tmp_path_factory):
+    """The server of ``reference`` starts, answers and stops while the unit tests run (they run first):
+    a server's start is mostly one thread importing, which leaves the other core to them."""
+    if not any("reference" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(single_server_answers, model_path, tmp_path_factory.mktemp("single"))
+
+
+@pytest.fixture(scope="session")
+def reference(reference_in_background) -> dict[str, str]:
+    """Greedy answers of one ordinary SGLang server, asked one at a time (stopped before a PD cluster
+    starts: memory)."""
+    return reference_in_background.result()
 
 
 # The Lynx PD clusters that test modules share, by name. A module asks for some of them with
@@ -87,6 +105,7 @@ def lynx_cluster(lynx_pd):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items):
-    """The tests on shared clusters run last (pytest has grouped them by cluster): the last cluster then
-    stops at the end of the session without another test's cluster starting beside it."""
-    items.sort(key=lambda item: "lynx_pd" in item.fixturenames)
+    """The unit tests first (the server of ``reference`` starts beside them); the tests on shared
+    clusters last (pytest has grouped them by cluster): the last cluster then stops at the end of the
+    session without another test's cluster starting beside it."""
+    items.sort(key=lambda item: (item.get_closest_marker("e2e") is not None, "lynx_pd" in item.fixturenames))

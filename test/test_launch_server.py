@@ -5,6 +5,7 @@ import argparse
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -112,13 +113,29 @@ def test_a_lynx_mode_refuses_to_start_on_an_sglang_it_is_not_tested_with_and_mod
     assert launcher_server_args("--lynx-mode", "off").model_path == "m"
 
 
-def run_launcher(launcher: str, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", launcher, *argv], capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def launched(model_path) -> dict:
+    """The launchers run as a user runs them, all at once (each imports SGLang for seconds): by
+    (launcher, run name), the finished process."""
+    runs = {(launcher, name): argv for launcher in LAUNCHERS for name, argv in (
+        ("bad flag", ["--model-path", "m", "--lynx-anchor-bits", "9"]),
+        ("help", ["--help"]),
+    )}
+    runs[(LAUNCHERS[0], "fp8 decode")] = ["--model-path", model_path, "--lynx-mode", "lynx",
+                                          "--disaggregation-mode", "decode", "--kv-cache-dtype", "fp8_e5m2"]
+
+    def run(key):
+        launcher, _ = key
+        return subprocess.run([sys.executable, "-m", launcher, *runs[key]], capture_output=True, text=True,
+                              timeout=300)
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return dict(zip(runs, pool.map(run, runs)))
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_bad_lynx_flag_exits_with_a_clear_error_before_starting_anything(launcher):
-    result = run_launcher(launcher, "--model-path", "m", "--lynx-anchor-bits", "9")
+def test_bad_lynx_flag_exits_with_a_clear_error_before_starting_anything(launched, launcher):
+    result = launched[(launcher, "bad flag")]
     assert result.returncode == 2
     assert "--lynx-anchor-bits must be between 2 and 6" in result.stderr
 
@@ -144,17 +161,16 @@ def test_lynx_modes_refuse_sglang_settings_they_cannot_work_with(model_path, arg
     assert message in capsys.readouterr().err
 
 
-def test_a_decode_worker_with_an_fp8_kv_cache_exits_at_once_naming_the_flag(model_path):
+def test_a_decode_worker_with_an_fp8_kv_cache_exits_at_once_naming_the_flag(launched):
     # Lynx refuses it before SGLang's own "not supported on CPU", which comes only once the model loads.
-    result = run_launcher(LAUNCHERS[0], "--model-path", model_path, "--lynx-mode", "lynx",
-                          "--disaggregation-mode", "decode", "--kv-cache-dtype", "fp8_e5m2")
+    result = launched[(LAUNCHERS[0], "fp8 decode")]
     assert result.returncode == 2
     assert "cannot be combined with --kv-cache-dtype fp8_e5m2" in result.stderr
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_help_lists_lynx_and_sglang_options(launcher):
-    result = run_launcher(launcher, "--help")
+def test_help_lists_lynx_and_sglang_options(launched, launcher):
+    result = launched[(launcher, "help")]
     assert result.returncode == 0
     assert "--lynx-mode" in result.stdout and "--lynx " in result.stdout
     assert "--disaggregation-mode" in result.stdout
