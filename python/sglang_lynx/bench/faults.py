@@ -249,10 +249,10 @@ SCENARIOS = [
     Scenario("corrupt-residual", "bytes of a row's Residual flipped after prefill checksummed them",
              "the request fails with a checksum error after its first token, speculated tokens unseen", 60,
              corrupted, corrupt("Residual"), error_pattern="checksum", must_fail=True),
-    Scenario("link-stall", f"prefill's sender paused (SIGSTOP) for {WAITING_TIMEOUT_S + STALL_MARGIN_S} s while Anchors stream, "
-             "longer than decode waits for KV, then resumed", "requests in flight fail with a timeout (or answer); "
-             "the cluster serves again", WAITING_TIMEOUT_S + 90, mixed, stall_link,
-             error_pattern=r"(?i)time|within|arrive"),
+    Scenario("link-stall", f"prefill's sender paused (SIGSTOP) for {WAITING_TIMEOUT_S + STALL_MARGIN_S} s while "
+             "Anchors stream, longer than decode waits for KV, then resumed",
+             "requests in flight fail with a timeout (or answer); the cluster serves again", WAITING_TIMEOUT_S + 90,
+             mixed, stall_link, error_pattern=r"(?i)time|within|arrive"),
     Scenario("prefill-killed-anchor", "prefill SIGKILLed while Anchors stream", "each request answers correctly or fails "
              "naming the lost prefill; the restarted prefill serves", 60, mixed, kill_prefill_when(anchors_streaming),
              recover=restart_prefill, error_pattern=LOST_PREFILL),
