@@ -52,7 +52,7 @@ def model_with_an_inf_token(model_path, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def pd(model_with_an_inf_token, tmp_path_factory):
+def pd(model_with_an_inf_token, reference, tmp_path_factory):  # reference: its server is gone (memory)
     with PDCluster(fault_cluster_spec(model_with_an_inf_token, tmp_path_factory.mktemp("faults"))) as pd:
         yield pd
 
