@@ -12,9 +12,10 @@ from sglang_lynx.config import LynxConfig  # noqa: E402
 from sglang_lynx.models import smollm2  # noqa: E402
 
 MAX_TOKENS = 24
-# Half the CPU default pool: no test puts a full-context prompt in flight, and a worker zeroing a
-# 65,536-token fp32 pool takes about 25 s longer to start on this machine.
-POOL_ARGS = ["--max-total-tokens", "32768"]
+# A quarter of the CPU default pool: no test puts more than ~9,300 tokens in flight (test_e2e_staging's
+# sixteen prompts, which prefill holds while they wait for rows), and a worker zeroing a 65,536-token
+# fp32 pool takes about 25 s longer to start on this machine.
+POOL_ARGS = ["--max-total-tokens", "16384"]
 PROMPTS = {
     "capital": "The capital of France is",
     "story": "Once upon a time, in a small village by the sea,",

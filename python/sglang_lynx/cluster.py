@@ -157,14 +157,16 @@ class _ProcessGroup:
                 env=env, start_new_session=True,
             )
 
-    def wait_healthy(self, name: str, url: str, deadline: float) -> None:
+    def wait_healthy(self, name: str, url: str, deadline: float, answering: bool = False) -> None:
+        """Until ``name`` is healthy (or, with ``answering``, answers at all: 503 while it starts)."""
         proc = self.procs[name]
+        up = _http_answers if answering else _http_ok
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise ClusterError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
             if PORT_TAKEN in self.log_tail(name, lines=5):  # the server stays up without its HTTP port
                 raise ClusterError(f"{name} could not bind its port {url}:\n{self.log_tail(name)}")
-            if _http_ok(f"{url}/health"):
+            if up(f"{url}/health"):
                 return
             time.sleep(1)
         raise ClusterError(f"{name} did not become healthy in time:\n{self.log_tail(name)}")
@@ -250,7 +252,12 @@ class PDCluster(_ProcessGroup):
         self.spawn("prefill", self._worker_cmd("prefill"))
         for name in spec.decode_urls:
             self.spawn(name, self._worker_cmd(name))
-        # The router starts beside the workers (in a second) and admits each one once it answers.
+        # The router starts (in a second) once the workers' HTTP servers answer, as their warm-up
+        # runs: it looks for them at once, then 1, 2, 3, 4 and every 5 s later, so that one started
+        # beside them admitted them 2-6 s after they were ready.
+        deadline = time.monotonic() + timeout
+        for name, url in self.urls.items():
+            self.wait_healthy(name, url, deadline, answering=True)
         decodes = [arg for url in spec.decode_urls.values() for arg in ("--decode", url)]
         self.spawn("router", [
             *ROUTER_LAUNCHER,
@@ -275,7 +282,6 @@ class PDCluster(_ProcessGroup):
             # a failing request already reports its own error.
             "--disable-circuit-breaker",
         ])
-        deadline = time.monotonic() + timeout
         for name, url in self.urls.items():
             self.wait_healthy(name, url, deadline)
         self.wait_healthy("router", spec.router_url, deadline)
@@ -419,6 +425,16 @@ def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def _http_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
 
