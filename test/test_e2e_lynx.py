@@ -81,6 +81,13 @@ def decode_record(timings, rid: str) -> dict:
     return next(r for r in records(timings, "decode") if r.get("rid") == rid)
 
 
+def prefill_holds(n: int):
+    """A phase for ``PDCluster.wait_until``: prefill holds the KV of ``n`` requests (or more) in its rows."""
+    def prefill_holds_the_requests(books) -> bool:
+        return books["prefill"]["requests_holding_rows"] >= n
+    return prefill_holds_the_requests
+
+
 def only(mode, *modes):
     if mode not in modes:
         pytest.skip(f"applies to {', '.join(modes)}")
@@ -136,12 +143,8 @@ def ask_all_at_once(cluster, mode: str) -> list:
     with ThreadPoolExecutor(len(SPECULATION_PROMPTS)) as pool:
         with cluster.link_at(HELD_MBPS) if mode == "lynx" else nullcontext():
             asked = [pool.submit(ask, i) for i in range(len(SPECULATION_PROMPTS))]
-
-            def prefill_holds_every_request(books):
-                return books["prefill"]["requests_holding_rows"] >= len(asked)
-
             if mode == "lynx":
-                cluster.wait_until(prefill_holds_every_request, workers=["prefill"])
+                cluster.wait_until(prefill_holds(len(asked)), workers=["prefill"])
         return [a.result() for a in asked]
 
 
@@ -407,7 +410,7 @@ def test_workers_waiting_on_the_link_do_not_keep_a_core_busy(lynx_cluster):
     with ThreadPoolExecutor(1) as pool:
         with cluster.link_at(HELD_MBPS):
             answer = pool.submit(complete, cluster.spec.router_url, MEDIUM, max_tokens=2)
-            cluster.wait_until(lambda books: books["prefill"]["requests_holding_rows"] == 1, workers=["prefill"])
+            cluster.wait_until(prefill_holds(1), workers=["prefill"])
             busy = cluster.cpu_percent(seconds=3)
         assert answer.result().text
     assert busy < 40, f"a cluster waiting on its link used {busy:.0f}% of a core"
