@@ -55,6 +55,14 @@ def test_cli_rejects_unknown_mode_and_non_numeric_bandwidth(capsys):
     assert "--lynx-bandwidth-mbps" in capsys.readouterr().err
 
 
+def test_a_launcher_command_line_gives_its_lynx_flags_among_sglang_s_and_defaults_when_they_are_malformed():
+    argv = ["--model-path", "m", "--lynx", "--lynx-bandwidth-mbps", "40", "--page-size", "64", "--lynx-group-size=16"]
+    assert LynxConfig.from_argv(argv) == LynxConfig(mode="lynx", bandwidth_mbps=40.0, group_size=16)
+    for malformed in (["--lynx-mode", "fast"], ["--lynx-anchor-bits", "9"], ["--lynx-bandwidth-mbps", "lots"]):
+        assert LynxConfig.from_argv(["--lynx", *malformed]) == LynxConfig()
+    assert LynxConfig.from_argv(["--lynx-m", "lynx"]) == LynxConfig()  # abbreviations are SGLang's parser's to read
+
+
 def test_round_trips_through_the_environment(monkeypatch):
     config = LynxConfig("int4", 3, 128, 8, 1000.0)
     env = {}

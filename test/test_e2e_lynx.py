@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
+import psutil
 import pytest
 import requests
 from scipy.stats import chi2_contingency
@@ -442,6 +443,16 @@ def test_sglang_s_own_load_generator_runs_against_the_router(lynx_cluster, model
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Serving Benchmark Result" in result.stdout
     assert json.loads(output.read_text().splitlines()[-1])["completed"] == 4
+
+
+def test_a_worker_s_scheduler_and_detokenizer_are_forked_from_its_launcher_hooked_for_its_mode(lynx_cluster):
+    """On a CPU they start as copies of the launcher, which hooked SGLang for its flags: no fork server,
+    no second import of SGLang (8 CPU-seconds each), and the hooks of its mode in place."""
+    mode, cluster, _ = lynx_cluster
+    for name in ("prefill", "decode"):
+        children = psutil.Process(cluster.procs[name].pid).children()
+        assert sorted(child.cmdline()[0] for child in children) == ["sglang::detokenizer", "sglang::scheduler"]
+        assert cluster.lynx_state(name)["mode"] == mode  # the scheduler's own answer
 
 
 def test_nothing_is_left_held_after_the_requests(lynx_cluster):

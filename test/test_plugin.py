@@ -46,6 +46,33 @@ def test_a_scheduler_of_a_lynx_mode_refuses_to_start_rather_than_run_half_hooked
     assert "error: --lynx-mode int8 runs on sglang>=0.6,<0.7" in capsys.readouterr().err
 
 
+def test_a_launcher_hooks_for_the_flags_on_its_command_line_and_the_processes_it_starts_for_their_environment(
+        monkeypatch):
+    """A launcher's plugin loads before SGLang parses its flags; the processes it starts find the parsed
+    ones in the environment. The hooks a process has are the config it tells compat.cpu it hooked for."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_lynx.compat import cpu
+
+    registered = []
+    monkeypatch.setattr(HookRegistry, "register", lambda target, hook, kind: registered.append(hook))
+    monkeypatch.setattr(cpu, "_hooked_for", None)
+
+    def speculates(argv: list[str], env: dict) -> bool:
+        registered.clear()
+        monkeypatch.setattr("sys.argv", ["launch_server", *argv])
+        monkeypatch.setenv(ENV_VAR, env.get(ENV_VAR, ""))
+        plugin.load()
+        return "sglang_lynx.speculation.hooks" in {hook.__module__ for hook in registered}
+
+    assert speculates(["--model-path", "m", "--lynx"], env={})
+    assert cpu._hooked_for == LynxConfig(mode="lynx")
+    started = {}
+    LynxConfig(mode="int8").to_env(started)
+    assert not speculates(["--model-path", "m", "--lynx"], env=started)
+    assert cpu._hooked_for == LynxConfig(mode="int8")
+
+
 def test_lynx_modes_turn_off_early_cached_prefix_sending_and_host_tensor_indices_and_say_so_once(monkeypatch):
     from sglang.srt.disaggregation.mooncake import conn
     from sglang.srt.environ import envs

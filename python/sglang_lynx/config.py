@@ -4,7 +4,8 @@ SGLang's own argument parser takes the ``--lynx-*`` flags (the plugin adds them 
 parsed flags become a :class:`LynxConfig`, checked against the SGLang settings it has to work
 with, and reach every SGLang process through one environment variable (schedulers are started
 with ``spawn``, so nothing set in the parent's memory reaches them). Each process reads it back
-with :meth:`LynxConfig.from_env`.
+with :meth:`LynxConfig.from_env`; a launcher, whose plugin loads before its flags are parsed, reads
+them from its command line first (:meth:`LynxConfig.from_argv`).
 """
 
 from __future__ import annotations
@@ -134,6 +135,18 @@ class LynxConfig:
             verify_checksums=args.lynx_verify_checksums,
             timings_file=args.lynx_timings_file,
         )
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> "LynxConfig":
+        """The Lynx flags on a launcher's command line, read before SGLang parses it (the plugin hooks
+        for them when it loads, which is earlier). Malformed flags give the default here: SGLang's
+        parser reports them."""
+        parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+        cls.add_cli_args(parser)
+        try:
+            return cls.from_cli_args(parser.parse_known_args(argv)[0])
+        except (argparse.ArgumentError, LynxConfigError):
+            return cls()
 
     # --- SGLang's server arguments -----------------------------------------------------------
 

@@ -82,7 +82,7 @@ import sys
 
 from sglang_lynx import admission
 from sglang_lynx.compat import cpu
-from sglang_lynx.config import LynxConfig, LynxConfigError
+from sglang_lynx.config import ENV_VAR, LynxConfig, LynxConfigError
 
 DISAGG = "sglang.srt.disaggregation"
 MANAGERS = "sglang.srt.managers"
@@ -95,11 +95,14 @@ logger = logging.getLogger(__name__)
 def load() -> None:
     cpu.activate()
     with _refusal_exits():
-        # A launcher parses the flags after this; the processes it starts find them in the environment.
-        config = LynxConfig.from_env()  # fails early, in every process, on a malformed config
+        # The processes a launcher starts find its parsed flags in the environment (fails early, in
+        # every process, on a malformed config). A launcher parses them after this: it hooks for the
+        # flags on its command line, which are the parsed ones unless SGLang reads them from elsewhere
+        # (a --config file); compat.cpu forks its workers, hooks included, only when they are.
+        config = LynxConfig.from_env() if os.environ.get(ENV_VAR) else LynxConfig.from_argv(sys.argv[1:])
         if config.enabled:
             check_sglang(config.mode)  # a scheduler refuses rather than run half-hooked
-    cpu.patch_sglang()
+    cpu.patch_sglang(config)
     if config.enabled:
         use_tested_transfer_settings(config.mode)
     from sglang.srt.plugins.hook_registry import HookRegistry

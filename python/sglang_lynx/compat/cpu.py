@@ -24,11 +24,14 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import os
-import sys
 import logging
+import os
+import signal
+import sys
 import time
 import types
+
+from sglang_lynx.config import LynxConfig
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ SERVER_ARG_DEFAULTS = {
 # A scheduler with no batch to run but requests waiting on KV transfers polls again after this long,
 # or at once when a new request comes: SGLang polls at once, which keeps a core busy per worker.
 TRANSFER_POLL_MS = 5
+
+# The Lynx config this process's plugin hooks were registered for (patch_sglang).
+_hooked_for: LynxConfig | None = None
 
 # What a worker's processes import before they differ: the fork server imports it once for all of them.
 FORK_SERVER_PRELOAD = ("sglang_lynx.compat.fork_server", "sglang.srt.managers.scheduler",
@@ -105,10 +111,13 @@ def server_arg_defaults() -> dict:
     return dict(SERVER_ARG_DEFAULTS) if active() else {}
 
 
-def patch_sglang() -> None:
-    """Neutralise CUDA-only calls on SGLang's PD path. Runs from the plugin, in every process."""
+def patch_sglang(hooked_for: LynxConfig) -> None:
+    """Neutralise CUDA-only calls on SGLang's PD path. Runs from the plugin, in every process, which
+    has registered its own hooks for ``hooked_for``."""
+    global _hooked_for
     if not active():
         return
+    _hooked_for = hooked_for
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     for target, hook, kind in hooks():
@@ -171,13 +180,30 @@ def _size_kv_pool(profile, configurator, *args, **kwargs) -> int:
 def _fork_workers(result, *args, **kwargs) -> None:
     """AFTER ``_set_envs_and_config``, which makes "spawn" the start method (for CUDA, which a forked
     process cannot use). A spawned scheduler and detokenizer each import SGLang anew: 8 CPU-seconds
-    apiece here. A fork server imports it once, runs nothing, and forks each of them; they then load
-    the plugins and start as spawned ones do (``compat.fork_server``: their failures still reach the
-    launcher)."""
+    apiece here, and a worker's start is CPU-bound on a small machine. A launcher whose plugin hooks
+    are the ones its flags ask for (``plugin.load``) forks them: they inherit its imports and hooks,
+    and their parent is the launcher, as a spawned one's is. Otherwise a fork server imports SGLang
+    once and forks each of them, which then load the plugins as spawned ones do
+    (``compat.fork_server``: their failures still reach the launcher)."""
     import multiprocessing
 
-    multiprocessing.set_start_method("forkserver", force=True)
-    multiprocessing.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
+    if _hooked_for == LynxConfig.from_env():
+        multiprocessing.set_start_method("fork", force=True)
+        os.register_at_fork(after_in_child=_as_if_spawned)
+    else:
+        multiprocessing.set_start_method("forkserver", force=True)
+        multiprocessing.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
+
+
+def _as_if_spawned() -> None:
+    """In a process the launcher forks: what a spawned one gets by starting afresh."""
+    # SGLang's SIGQUIT handler takes the launcher's process tree down when a child signals it.
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    # prometheus_client chooses its value class when imported: a spawned process imports it once
+    # SGLang has set PROMETHEUS_MULTIPROC_DIR (--enable-metrics), the launcher did before.
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        values.ValueClass = values.get_value_class()
 
 
 def _nap_while_transfers_wait(result, scheduler, *args, **kwargs) -> None:
