@@ -13,18 +13,19 @@ def parse(*argv: str) -> LynxConfig:
     return LynxConfig.from_cli_args(parser.parse_args(list(argv)))
 
 
-def test_defaults_are_off_4_bit_anchor_64_speculative_tokens_unpaced():
+def test_defaults_are_off_4_bit_anchor_64_speculative_tokens_unpaced_first_token_at_prefill():
     config = parse()
-    assert config == LynxConfig(mode="off", anchor_bits=4, group_size=64,
-                                max_speculative_tokens=64, bandwidth_mbps=None, verify_checksums=True)
+    assert config == LynxConfig(mode="off", anchor_bits=4, group_size=64, max_speculative_tokens=64,
+                                bandwidth_mbps=None, verify_checksums=True, first_token_at_prefill=True)
     assert not config.enabled and config.residual_bits == 4
 
 
 def test_every_option_parses():
     config = parse("--lynx-mode", "lynx", "--lynx-anchor-bits", "5", "--lynx-group-size", "32",
                    "--lynx-max-speculative-tokens", "16", "--lynx-bandwidth-mbps", "200",
-                   "--lynx-staging-mb", "256", "--no-lynx-verify-checksums")
-    assert config == LynxConfig("lynx", 5, 32, 16, 200.0, staging_mb=256.0, verify_checksums=False)
+                   "--lynx-staging-mb", "256", "--no-lynx-verify-checksums", "--no-lynx-first-token-at-prefill")
+    assert config == LynxConfig("lynx", 5, 32, 16, 200.0, staging_mb=256.0, verify_checksums=False,
+                                first_token_at_prefill=False)
     assert config.enabled and config.residual_bits == 3
 
 

@@ -10,6 +10,7 @@ import collections
 import json
 import math
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -21,7 +22,7 @@ from scipy.stats import chi2_contingency
 
 from sglang_lynx.bench.serving import bench_serving_cmd
 from sglang_lynx.client import complete
-from sglang_lynx.cluster import ClusterError
+from sglang_lynx.cluster import ClusterError, settled
 
 from conftest import CAP, LINK_MBPS, MAX_TOKENS, PROMPTS
 
@@ -113,6 +114,40 @@ def test_greedy_answers_per_mode(lynx_cluster, reference):
     if mode == "int8":  # INT8 KV is near-lossless: most answers stay the same as full precision
         same = sum(got[(name, False)] == reference[name] for name in PROMPTS)
         assert same >= len(PROMPTS) // 2, f"only {same} of {len(PROMPTS)} int8 answers equal fp32"
+
+
+def test_the_first_token_reaches_the_client_while_the_link_holds_back_all_the_kv(lynx_cluster):
+    """Prefill sends the first token ahead of the KV, and decode streams it at once: TTFT is prefill's
+    time. With --no-lynx-first-token-at-prefill (the int4 cluster) it comes with the KV, as in SGLang."""
+    mode, cluster, timings = lynx_cluster
+    early = cluster.spec.lynx.first_token_at_prefill
+    first = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        with cluster.link_at(HELD_MBPS):
+            asked = pool.submit(complete, cluster.spec.router_url, MEDIUM, max_tokens=4, stream=True,
+                                on_text=lambda piece: first.set())
+            came = first.wait(timeout=60 if early else 5)
+        answer = asked.result()
+    assert len(answer.chunks) > 1
+    record = decode_record(timings, answer.id)
+    if early:
+        assert came, "no first token while the link held the KV back"
+        assert record["first_token_came"] <= record["first_token_streamed"] < record["first_stream_landed"]
+    else:
+        assert not came and "first_token_came" not in record
+        assert record["first_token_streamed"] >= record["first_stream_landed"]
+
+
+def test_a_one_token_request_is_answered_while_the_link_holds_back_its_kv_which_is_then_freed(lynx_cluster):
+    mode, cluster, timings = lynx_cluster
+    only(mode, "raw", "int8", "lynx")  # with the first token at prefill
+    with ThreadPoolExecutor(1) as pool:
+        with cluster.link_at(HELD_MBPS):
+            answer = pool.submit(complete, cluster.spec.router_url, MEDIUM, max_tokens=1).result(timeout=60)
+    assert answer.text and answer.finish_reason == "length"
+    assert decode_record(timings, answer.id)["finished_on_first_token"]
+    books, _ = cluster.wait_settled()
+    assert settled(books), books
 
 
 def test_every_request_is_timed_and_the_residual_travels_only_in_lynx_mode(lynx_cluster):
@@ -232,19 +267,6 @@ def test_length_stop_and_eos_met_while_speculating_finish_after_verification(lyn
         assert got == answers["int8"]["stops"]
 
 
-def test_a_request_done_after_its_first_token_does_not_wait_for_its_residual(lynx_cluster):
-    mode, cluster, timings = lynx_cluster
-    only(mode, "lynx")
-    sent = time.time()
-    answer = complete(cluster.spec.router_url, MEDIUM, max_tokens=1)
-    answered = sent + answer.total_s
-    time.sleep(4)  # let the Residual finish crossing the link
-    record = decode_record(timings, answer.id)
-    residual_sent = next(r for r in records(timings, "prefill") if r["room"] == record["room"])["residual_sent"]
-    assert record.get("finished_on_first_token") and "residual_landed" not in record
-    assert answered < residual_sent
-
-
 def test_logprobs_are_the_exact_model_s(lynx_cluster):
     mode, cluster, timings = lynx_cluster
     only(mode, "int8", "lynx")
@@ -324,13 +346,17 @@ def test_sampled_tokens_follow_the_distribution_of_int8(lynx_cluster):
 
 
 def abort_while_speculating(cluster, path: str, body: dict, rid_of) -> tuple[dict, list]:
-    """Stream ``body`` to the router's ``path``; at the first event, abort the request on the decode
-    worker (``rid_of(event)`` its id) while it speculates. The first event, and the rest."""
+    """Stream ``body`` to the router's ``path``; after the first event (the first token, from prefill),
+    abort the request on the decode worker (``rid_of(event)`` its id) once it speculates. The first
+    event, and the rest."""
+    def decode_speculates(books) -> bool:
+        return books["decode"]["speculating"] == 1
+
     with requests.post(f"{cluster.spec.router_url}{path}", json=body, stream=True, timeout=120) as r:
         events = (json.loads(line[5:]) for line in r.iter_lines()
                   if line.startswith(b"data:") and line != b"data: [DONE]")
         first = next(events)
-        assert cluster.lynx_state("decode")["speculating"] == 1, "the abort comes while the request speculates"
+        cluster.wait_until(decode_speculates, workers=["decode"])
         requests.post(f"{cluster.spec.decode_url}/abort_request", json={"rid": rid_of(first)}, timeout=60)
         return first, list(events)
 

@@ -459,7 +459,7 @@ def decode_manager(num_rows=4, waiting_timeout=60):
     manager.rows = staging(manager.lynx, fake_pool(num_pages=num_rows))
     manager.staged, manager.waiting_since, manager.staging_waits = {}, {}, {}
     manager.residual_arrivals, manager.abandoned, manager.residual_sources = {}, {}, {}
-    manager._arrivals_lock, manager.residual_landed = threading.Lock(), threading.Event()
+    manager._arrivals_lock, manager.arrived, manager.first_tokens = threading.Lock(), threading.Event(), {}
     # what SGLang's heartbeat bookkeeping needs
     manager.connection_lock, manager.connection_pool, manager.prefill_info_table = threading.Lock(), {}, {}
     manager.heartbeat_failures, manager.addr_to_rooms_tracker, manager.request_status = {}, {}, {}
@@ -481,7 +481,7 @@ def test_rows_a_residual_may_still_be_written_into_come_back_only_once_it_has_la
     assert manager.rows.rows_in_use == 1 and not manager.residual_arrivals  # dropped, rows back
 
     manager._on_residual_message(residual_message(6))
-    assert set(manager.residual_arrivals) == {6} and manager.residual_landed.is_set()  # wakes the scheduler
+    assert set(manager.residual_arrivals) == {6} and manager.arrived.is_set()  # wakes the scheduler
     manager.release_rows(6, residual_due=True, rows_written=True)  # ended after it came
     assert manager.rows.rows_in_use == 0 and not manager.residual_arrivals and not manager.abandoned
 
@@ -504,6 +504,53 @@ def test_a_failed_request_frees_its_rows_at_once_and_forgets_its_residual_when_i
     assert not manager.residual_arrivals and not manager.abandoned
 
 
+def aux_buffers():
+    """Two aux buffers of 4 rows (token ids, logprobs), as SGLang's metadata buffers, and their kv_args."""
+    aux = [torch.zeros(4, 3, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.float32)]
+    return aux, types.SimpleNamespace(aux_data_ptrs=[b.data_ptr() for b in aux], aux_item_lens=[b[0].nbytes for b in aux])
+
+
+def test_a_first_token_goes_from_prefill_s_aux_row_to_decode_s_and_wakes_its_scheduler_unless_it_has_ended():
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    prefill, decode = prefill_manager(), decode_manager()
+    (prefill_aux, prefill.kv_args), (decode_aux, decode.kv_args) = aux_buffers(), aux_buffers()
+    prefill_aux[0][1], prefill_aux[1][1] = torch.tensor([17, 0, 0]), torch.tensor([-0.5, -2.0])
+    sent = []
+    prefill._send_multipart_locked = lambda address, frames, is_ipv6: sent.append(frames)
+    info = types.SimpleNamespace(endpoint="127.0.0.1", dst_port=5000, dst_aux_index=2)
+    prefill._prepare_first_token(5, 1, [("decode", info)])
+    assert not sent  # until prefill has answered the request
+    prefill.send_first_token(5)
+
+    decode.request_status = {5: KVPoll.WaitingForInput}
+    [message] = sent
+    decode._on_first_token(message)
+    assert decode_aux[0][2].tolist() == [17, 0, 0] and decode_aux[1][2].tolist() == [-0.5, -2.0]
+    assert decode.arrived.is_set() and decode.take_first_token(5) is not None
+    assert decode.take_first_token(5) is None  # taken once
+
+    decode.arrived.clear()
+    decode.request_status = {5: KVPoll.Failed}  # it ended meanwhile: its aux row may be another's by now
+    decode_aux[0].zero_()
+    decode._on_first_token(message)
+    assert not decode_aux[0].any() and not decode.arrived.is_set() and decode.take_first_token(5) is None
+
+
+def test_workers_that_differ_on_the_first_token_are_told_which_flag_differs():
+    from sglang_lynx.streams.mooncake import LynxKVManager
+    from sglang_lynx.streams.rows import VERSION
+
+    prefill = types.SimpleNamespace(lynx=LynxConfig(mode="lynx"), rows=types.SimpleNamespace(row_nbytes=64))
+    decode = {"mode": "lynx", "anchor_bits": 4, "group_size": 64, "first_token_at_prefill": False,
+              "row_version": VERSION, "row_nbytes": 64}
+    reason = LynxKVManager._lynx_mismatch(prefill, decode)
+    assert reason.startswith("Lynx settings differ: prefill runs --lynx-mode lynx --lynx-anchor-bits 4 "
+                             "--lynx-group-size 64 --lynx-first-token-at-prefill, decode runs --lynx-mode lynx "
+                             "--lynx-anchor-bits 4 --lynx-group-size 64 --no-lynx-first-token-at-prefill;")
+    assert LynxKVManager._lynx_mismatch(prefill, {**decode, "first_token_at_prefill": True}) is None
+
+
 def test_requests_waiting_for_rows_are_timed_from_their_first_wait():
     manager = decode_manager()
     manager.note_waiting(held=[1, 2], admitted=[])
@@ -523,7 +570,7 @@ def prefill_manager(num_rows=4):
     manager = LynxKVManager.__new__(LynxKVManager)
     manager.lynx = LynxConfig(mode="lynx")
     manager.rows = staging(manager.lynx, fake_pool(num_pages=num_rows))
-    manager.staged, manager.peer_rows, manager.request_status = {}, {}, {}
+    manager.staged, manager.peer_rows, manager.request_status, manager.first_token_messages = {}, {}, {}, {}
     manager.waiting_chunks, manager.timings = collections.deque(), Timings(None, role="prefill")
     manager.disaggregation_mode = types.SimpleNamespace(value="prefill")
     manager.sent, manager.failed = [], []
@@ -571,7 +618,7 @@ def test_requests_anchored_on_a_lost_prefill_learn_that_their_residual_will_not_
     manager.expect_residual(1, "10.0.0.1:8998")
     manager.expect_residual(2, "10.0.0.2:8998")
     manager._handle_node_failure("10.0.0.1:8998")  # SGLang's heartbeat gave up on that prefill
-    assert manager.residual_landed.is_set()  # an idle scheduler wakes for it
+    assert manager.arrived.is_set()  # an idle scheduler wakes for it
     failure = manager.take_residual_arrival(1).failure
     assert "lost the prefill worker (10.0.0.1:8998)" in failure
     assert manager.take_residual_arrival(2) is None  # its prefill is alive: it waits on

@@ -232,6 +232,8 @@ def _server_cmd(model_path: str, port: int, lynx: LynxConfig, extra: list[str]) 
         cmd += ["--lynx-timings-file", lynx.timings_file]
     if not lynx.verify_checksums:
         cmd += ["--no-lynx-verify-checksums"]
+    if not lynx.first_token_at_prefill:
+        cmd += ["--no-lynx-first-token-at-prefill"]
     return cmd + extra
 
 

@@ -42,6 +42,7 @@ class LynxConfig:
     staging_mb: Optional[float] = None  # None: STAGING_SHARE of the KV pool
     verify_checksums: bool = True  # prefill writes, decode checks, a checksum of every stream of every row
     timings_file: Optional[str] = None  # per-request transfer timings, JSON lines
+    first_token_at_prefill: bool = True  # prefill sends the first token ahead of the KV; decode streams it
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -120,6 +121,11 @@ class LynxConfig:
                            help="Checksum every stream of every KV page (xxh3) on prefill and check it on decode "
                                 "before use; a damaged page fails its request. --no-lynx-verify-checksums saves "
                                 "the hashing (peak speed).")
+        group.add_argument("--lynx-first-token-at-prefill", action=argparse.BooleanOptionalAction, default=True,
+                           help="Prefill sends each request's first token to decode ahead of its KV, and decode "
+                                "streams it to the client at once: time to first token is prefill's time, whatever "
+                                "the link. --no-lynx-first-token-at-prefill: the first token comes with the KV, as "
+                                "in SGLang. Prefill and decode must agree.")
         group.add_argument("--lynx-timings-file", default=None,
                            help="Append per-request transfer timings (JSON lines) to this file.")
 
@@ -134,6 +140,7 @@ class LynxConfig:
             staging_mb=args.lynx_staging_mb,
             verify_checksums=args.lynx_verify_checksums,
             timings_file=args.lynx_timings_file,
+            first_token_at_prefill=args.lynx_first_token_at_prefill,
         )
 
     @classmethod

@@ -50,25 +50,28 @@ def timeline(spec: ClusterSpec, rid: str, sent: float, ttft_s: float, total_s: f
         time.sleep(0.2)
     if prefill is None:
         return ["(no timing records for this request)"]
-    at = lambda t: f"{t - sent:7.2f} s"
     mbps = spec.lynx.bandwidth_mbps
     first, residual = prefill["first_stream_bytes"], prefill.get("residual_bytes", 0)
-    lines = [f"prompt            {prefill['tokens']} tokens",
-             f"{at(prefill['kv_ready'])}  prefill done: the prompt's KV is ready to ship",
-             f"{at(decode['first_stream_landed'])}  first stream landed on decode ({first / 1e6:.2f} MB"
-             + (f": Anchor, {spec.lynx.anchor_bits} of 8 bits and scales)" if residual else ")"),
-             f"{ttft_s:7.2f} s  first token on the client"]
+    events = [(prefill["kv_ready"], "prefill done: the prompt's KV is ready to ship, and the first token")]
+    if "first_token_came" in decode:
+        events.append((decode["first_token_came"], "first token on decode, ahead of the KV (from prefill)"))
+    events += [(decode["first_stream_landed"], f"first stream landed on decode ({first / 1e6:.2f} MB"
+                + (f": Anchor, {spec.lynx.anchor_bits} of 8 bits and scales)" if residual else ")")),
+               (sent + ttft_s, "first token on the client")]
     if "residual_landed" in decode:
-        lines += [f"{at(decode['residual_landed'])}  Residual landed ({residual / 1e6:.2f} MB); "
-                  f"{decode.get('speculated', 0)} tokens speculated on the Anchor meanwhile",
-                  f"{at(decode['residual_applied'])}  KV refined to INT8; one verify pass "
-                  f"({decode['verify_s'] * 1000:.0f} ms): "
-                  f"{decode['accepted']} kept, {decode['rolled_back']} rolled back and redone exactly"]
-    lines.append(f"{total_s:7.2f} s  last token on the client")
+        events += [(decode["residual_landed"], f"Residual landed ({residual / 1e6:.2f} MB); "
+                    f"{decode.get('speculated', 0)} tokens speculated on the Anchor meanwhile"),
+                   (decode["residual_applied"], f"KV refined to INT8; one verify pass "
+                    f"({decode['verify_s'] * 1000:.0f} ms): {decode['accepted']} kept, "
+                    f"{decode['rolled_back']} rolled back and redone exactly: the second token on")]
+    events.append((sent + total_s, "last token on the client"))
+    lines = [f"prompt            {prefill['tokens']} tokens"]
+    lines += [f"{t - sent:7.2f} s  {what}" for t, what in sorted(events, key=lambda e: e[0])]
     if residual and mbps:
         waited = prefill["kv_ready"] - sent + (first + residual) * 8 / (mbps * 1e6)
-        lines.append(f"int8 would have shipped all {(first + residual) / 1e6:.2f} MB before decoding: "
-                     f"first token at ~{waited:.2f} s instead of {ttft_s:.2f} s")
+        lines.append(f"int8 would have shipped all {(first + residual) / 1e6:.2f} MB before decoding past the "
+                     f"first token: at ~{waited:.2f} s; lynx decoded on the Anchor from "
+                     f"{decode['first_stream_landed'] - sent:.2f} s")
     return lines
 
 

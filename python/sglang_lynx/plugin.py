@@ -35,6 +35,11 @@ target                                                             hook    what 
                                                                            chunks that waited for rows
 ``DecodePreallocQueue.pop_preallocated``                           AROUND  hold requests until their
                                                                            rows are free
+``...PrefillMixin.process_disagg_prefill_inflight_queue``          AFTER   answer the requests whose
+                                                                           first token went ahead of
+                                                                           their KV
+``DecodeTransferQueue.pop_transferred``                            BEFORE  stream first tokens that
+                                                                           came ahead of their KV
 ``DecodeTransferQueue._commit_transfer_to_req``                    AROUND  land the first stream
 ``DecodeTransferQueue._release_request``                           AFTER   free a failed request's rows
 ``Scheduler.is_fully_idle``                                        AFTER   pending Lynx work is work
@@ -185,7 +190,7 @@ def lynx_hooks(mode: str) -> list:
     """(SGLang target, hook, hook type) for every hook a Lynx mode registers."""
     from sglang.srt.plugins.hook_registry import HookType
 
-    from sglang_lynx.streams import landing
+    from sglang_lynx.streams import first_token, landing
 
     hooks = [
         (f"{DISAGG}.utils.get_kv_class", _lynx_kv_class, HookType.AROUND),
@@ -197,6 +202,9 @@ def lynx_hooks(mode: str) -> list:
         (f"{DISAGG}.prefill.SchedulerDisaggregationPrefillMixin.process_disagg_prefill_inflight_queue",
          _prefill_step, HookType.AFTER),
         (f"{DISAGG}.decode.DecodePreallocQueue.pop_preallocated", landing.hold_for_staging, HookType.AROUND),
+        (f"{DISAGG}.prefill.SchedulerDisaggregationPrefillMixin.process_disagg_prefill_inflight_queue",
+         first_token.answer_prefill_requests, HookType.AFTER),
+        (f"{DISAGG}.decode.DecodeTransferQueue.pop_transferred", first_token.stream_first_tokens, HookType.BEFORE),
         (f"{DISAGG}.decode.DecodeTransferQueue._commit_transfer_to_req", landing.commit_transfer,
          HookType.AROUND),
         (f"{DISAGG}.decode.DecodeTransferQueue._release_request", landing.release_failed, HookType.AFTER),

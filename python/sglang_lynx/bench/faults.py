@@ -307,6 +307,8 @@ def run_scenario(pd: PDCluster, scenario: Scenario, ctx: Context, prompts: list[
         "passed": all(checks.values()), "checks": checks, "fault_error": fault_error,
         "requests": len(endings), "ok": sum(e.outcome == "ok" for e in endings),
         "errors": sum(e.outcome == "error" for e in endings),
+        # streamed text, then the error: the first token at prefill time comes before any KV can fail
+        "errors_after_text": sum(e.outcome == "error" and bool(e.text) for e in endings),
         "disconnected": sum(e.outcome == "disconnected" for e in endings),
         "longest_s": round(max(e.seconds for e in endings), 1), "settle_s": round(settle_s, 1),
         "scenario_s": round(time.monotonic() - started, 1),  # recovery and the request after it included

@@ -3,6 +3,7 @@
     python -m sglang_lynx.bench ttft --modes raw,int8,int4,lynx --bandwidth-mbps 2 \\
         --input-len 128 --output-len 16 --num-prompts 3 --json bench-ttft.json
     python -m sglang_lynx.bench ttft --bandwidth-mbps 5,10,20,50 --input-len 1024,4096 ...  # a sweep
+    python -m sglang_lynx.bench ttft --input-len 2048 --first-token-at-prefill both ...  # with and without
 
 For each bandwidth and mode: bring up prefill + decode + router with that mode and the paced link
 (one cluster, reused for every prompt length), send the prompts one at a time through the router
@@ -10,8 +11,10 @@ For each bandwidth and mode: bring up prefill + decode + router with that mode a
 K-th token on the client (every chunk carries the token count so far). The servers' timing records
 give, per request, the KV bytes each stream carried, the moment prefill's forward was done (P:
 everything but the transfer) and, in ``lynx`` mode, how many tokens were speculated on the Anchor
-and how many verification kept. The floor is P + Anchor bytes / bandwidth: what any 4-bit-first
-transfer must wait for.
+and how many verification kept. With the first token at prefill (the default) TTFT is about P in
+every mode, and the transfer shows from the second token on. The floor is P + Anchor bytes /
+bandwidth: what any 4-bit-first transfer must wait for before decoding (and, with
+``--first-token-at-prefill off``, before its first token).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-prompts", type=int, default=3, help="requests per mode, sent one at a time")
     p.add_argument("--max-speculative-tokens", type=int, default=64,
                    help="lynx: tokens decoded on the Anchor before the Residual must land")
+    p.add_argument("--first-token-at-prefill", choices=("on", "off", "both"), default="on",
+                   help="prefill sends the first token ahead of the KV (--lynx-first-token-at-prefill); both: "
+                        "every mode also runs without it, and the report compares the two")
     p.add_argument("--text", default="hamlet", help="Gutenberg text the prompts are cut from")
     add_model_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -86,15 +92,17 @@ def make_prompts(model_path: str, text: str, input_len: int, num_prompts: int) -
         raise SystemExit(str(e)) from None
 
 
-def run_cluster(mode: str, bandwidth: float, args, model_path: str, prompts: dict, progress: tqdm,
-                log_dir: Path) -> dict:
+def run_cluster(mode: str, first_token_at_prefill: bool, bandwidth: float, args, model_path: str, prompts: dict,
+                progress: tqdm, log_dir: Path) -> dict:
     """One cluster of ``mode`` on a ``bandwidth`` link; every prompt length through it. -> results by length."""
-    timings = log_dir / f"{mode}-timings.jsonl"
+    name = mode if first_token_at_prefill else f"{mode}-first-token-off"
+    timings = log_dir / f"{name}-timings.jsonl"
     lynx = LynxConfig(mode=mode, bandwidth_mbps=bandwidth, timings_file=str(timings),
-                      max_speculative_tokens=args.max_speculative_tokens)
-    spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir / mode)
+                      max_speculative_tokens=args.max_speculative_tokens,
+                      first_token_at_prefill=first_token_at_prefill)
+    spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir / name)
     sent = {n: [] for n in prompts}
-    where = f"{mode} @ {bandwidth:g} Mbit/s"
+    where = f"{name} @ {bandwidth:g} Mbit/s"
     progress.set_postfix_str(f"{where}: starting cluster")
     with PDCluster(spec):
         for n, texts in prompts.items():
@@ -128,10 +136,13 @@ def mode_result(mode: str, requests: list[dict], records: list[dict]) -> dict:
         if mode == "lynx":
             req.update({key: dec[key] for key in ("speculated", "accepted", "verify_s", "refine_s") if key in dec})
             if "paused" in dec and dec.get("speculated"):  # decoding alone on the Anchor until the cap
-                req["decode_step_s"] = (dec["paused"] - dec["first_token_streamed"]) / dec["speculated"]
+                req["decode_step_s"] = (dec["paused"] - dec["speculating_from"]) / dec["speculated"]
+    for req in requests:
+        req["ttft_over_prefill"] = req["ttft_s"] / req["prefill_s"]
     med = lambda key: statistics.median(r[key] for r in requests)
     result = {
         "ttft_ms_median": 1000 * med("ttft_s"),
+        "ttft_over_prefill_median": med("ttft_over_prefill"),
         "t2_ms_median": 1000 * med("t2_s"),
         "ttk_ms_median": 1000 * med("ttk_s"),
         "prefill_ms_median": 1000 * med("prefill_s"),
@@ -170,16 +181,18 @@ def run(args: argparse.Namespace) -> dict:
     model_path = resolve(args.model_path)
     check_context(model_path, args.input_len, args.output_len)
     prompts = {n: make_prompts(model_path, args.text, n, args.num_prompts) for n in args.input_len}
-    results = {}  # (bandwidth, input length) -> mode -> result
-    total = len(args.bandwidth_mbps) * len(modes) * len(args.input_len) * args.num_prompts
+    first_token = {"on": [True], "off": [False], "both": [True, False]}[args.first_token_at_prefill]
+    results = {}  # (bandwidth, input length) -> first token at prefill -> mode -> result
+    total = len(args.bandwidth_mbps) * len(first_token) * len(modes) * len(args.input_len) * args.num_prompts
     with tempfile.TemporaryDirectory(prefix="lynx-bench-") as tmp, \
             tqdm(total=total, desc="bench ttft", unit="req") as progress:
         for bandwidth in args.bandwidth_mbps:
             for mode in modes:
-                by_length = run_cluster(mode, bandwidth, args, model_path, prompts, progress,
-                                        Path(tmp) / f"{bandwidth:g}")
-                for n, result in by_length.items():
-                    results.setdefault((bandwidth, n), {})[mode] = result
+                for early in first_token:
+                    by_length = run_cluster(mode, early, bandwidth, args, model_path, prompts, progress,
+                                            Path(tmp) / f"{bandwidth:g}")
+                    for n, result in by_length.items():
+                        results.setdefault((bandwidth, n), {}).setdefault(early, {})[mode] = result
     reports = [summarise(bandwidth, n, args, results[(bandwidth, n)])
                for n in args.input_len for bandwidth in args.bandwidth_mbps]
     for report in reports:
@@ -195,12 +208,16 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
-def summarise(bandwidth: float, input_len: int, args, results: dict) -> dict:
+def summarise(bandwidth: float, input_len: int, args, by_first_token: dict) -> dict:
+    """The report of one (bandwidth, prompt length): per mode, ratios between modes, and with
+    ``--first-token-at-prefill both`` the same modes without it (``modes_first_token_off``)."""
+    early = args.first_token_at_prefill != "off"
+    results = by_first_token[early]
     bytes_per_s = bandwidth * 1e6 / 8
     prefill_ms = statistics.median(r["prefill_ms_median"] for r in results.values())
     report = {"bandwidth_mbps": bandwidth, "input_len": input_len,
               "output_len": args.output_len, "num_prompts": args.num_prompts,
-              "prefill_ms": prefill_ms, "modes": results}
+              "first_token_at_prefill": early, "prefill_ms": prefill_ms, "modes": results}
     if "lynx" in results:
         anchor = results["lynx"]["first_stream_bytes"]
         report["floor_ms"] = prefill_ms + 1000 * anchor / bytes_per_s
@@ -229,6 +246,11 @@ def summarise(bandwidth: float, input_len: int, args, results: dict) -> dict:
         report["residual_transfer_ms"] = 1000 * results["lynx"]["residual_bytes"] / bytes_per_s
     if "int8" in results:
         report["decode_rest_ms"] = ttk["int8"] - ttft["int8"]  # tokens 2..K on exact KV
+    if len(by_first_token) == 2:
+        off = report["modes_first_token_off"] = by_first_token[False]
+        for m in results:  # the first token early; nothing after it later
+            ratios[f"ttft_{m}_first_token_on_over_off"] = ttft[m] / off[m]["ttft_ms_median"]
+            ratios[f"ttk_{m}_first_token_on_over_off"] = ttk[m] / off[m]["ttk_ms_median"]
     report["ratios"] = ratios
     return report
 
@@ -237,10 +259,16 @@ def print_table(report: dict) -> None:
     k = report["output_len"]
     print(f"\nKV link {report['bandwidth_mbps']:g} Mbit/s, {report['input_len']} prompt tokens, "
           f"{k} output tokens, {report['num_prompts']} prompts per mode (medians)")
-    print(f"{'mode':<6} {'TTFT ms':>9} {'T-to-2 ms':>10} {f'T-to-{k} ms':>11} {'1st stream B':>13} {'residual B':>11}")
-    for mode, r in report["modes"].items():
-        print(f"{mode:<6} {r['ttft_ms_median']:>9.0f} {r['t2_ms_median']:>10.0f} {r['ttk_ms_median']:>11.0f} "
-              f"{r['first_stream_bytes']:>13.0f} {r['residual_bytes']:>11.0f}")
+    print(f"{'mode':<10} {'first token':<11} {'TTFT ms':>9} {'TTFT/P':>7} {'T-to-2 ms':>10} {f'T-to-{k} ms':>11} "
+          f"{'1st stream B':>13} {'residual B':>11}")
+    tables = [(report["first_token_at_prefill"], report["modes"])]
+    if "modes_first_token_off" in report:
+        tables.append((False, report["modes_first_token_off"]))
+    for early, modes in tables:
+        for mode, r in modes.items():
+            print(f"{mode:<10} {'at prefill' if early else 'with KV':<11} {r['ttft_ms_median']:>9.0f} "
+                  f"{r['ttft_over_prefill_median']:>7.2f} {r['t2_ms_median']:>10.0f} {r['ttk_ms_median']:>11.0f} "
+                  f"{r['first_stream_bytes']:>13.0f} {r['residual_bytes']:>11.0f}")
     print(f"\nprefill (P, all but the transfer): {report['prefill_ms']:.0f} ms")
     if "floor_ms" in report:
         print(f"floor (P + Anchor bytes / bandwidth): {report['floor_ms']:.0f} ms "

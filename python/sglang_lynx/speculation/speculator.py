@@ -113,8 +113,7 @@ class Speculator:
             sp = req.sampling_params
             self.records[req.rid] = Speculation(req, entry, cap,
                                                 SamplingParams(sp.temperature, sp.top_k, sp.top_p, sp.min_p))
-            # SGLang streams the first token in this same scheduler step.
-            entry.record(first_token_streamed=time.time(), speculation_cap=cap,
+            entry.record(speculating_from=time.time(), speculation_cap=cap,
                          **({"not_speculating": blocker} if blocker else {}))
 
     # --- while decoding -----------------------------------------------------------------------

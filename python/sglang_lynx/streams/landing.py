@@ -18,6 +18,7 @@ from typing import Optional
 
 from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST, prepare_abort
 
+from sglang_lynx.streams.first_token import COMMITTING, end_transfer
 from sglang_lynx.streams.mooncake import LynxKVManager, ResidualArrival
 from sglang_lynx.streams.rows import LynxTransferError
 
@@ -136,11 +137,14 @@ def release_failed(result, queue, decode_req):
 
 
 def commit_transfer(original, queue, decode_req):
-    """AROUND ``DecodeTransferQueue._commit_transfer_to_req``: land the first stream first."""
+    """AROUND ``DecodeTransferQueue._commit_transfer_to_req``: land the first stream first (and
+    the first token only, where it came ahead of the KV: ``first_token.stream_first_tokens``)."""
+    first_token = getattr(decode_req, "lynx_first_token", None)
     receiver = decode_req.kv_receiver
     manager = getattr(receiver, "kv_mgr", None)
     # Warm-up and health-check requests use a fake transfer: no KV travels for them.
-    if not isinstance(manager, LynxKVManager) or decode_req.req.bootstrap_host == FAKE_BOOTSTRAP_HOST:
+    if (first_token == COMMITTING or not isinstance(manager, LynxKVManager)
+            or decode_req.req.bootstrap_host == FAKE_BOOTSTRAP_HOST):
         return original(queue, decode_req)
     req, mode, room = decode_req.req, manager.lynx.mode, decode_req.req.bootstrap_room
     pages, num_tokens = request_pages(queue, req, manager.rows.page_size)
@@ -160,7 +164,11 @@ def commit_transfer(original, queue, decode_req):
     now = time.time()
     manager.timings.add(room, rid=req.rid, first_stream_landed=now, tokens=num_tokens,
                         staging_wait_s=manager.staging_wait(room))
-    result = original(queue, decode_req)
+    if first_token is None:
+        result = original(queue, decode_req)
+        manager.timings.add(room, first_token_streamed=now)  # by SGLang, in this scheduler step
+    else:
+        result = end_transfer(decode_req)
     if mode == "lynx" and not req.finished():
         anchored_requests(queue)[req.rid] = Anchored(manager, pages, list(rows), num_tokens, room, now)
         manager.expect_residual(room, receiver.bootstrap_addr)

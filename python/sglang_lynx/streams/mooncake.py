@@ -10,6 +10,11 @@ metadata as it does for a full KV pool. Rows go back once the Anchor (``int8``, 
 Residual (``lynx``) is in the KV pool, or when SGLang releases a failed request; rows whose
 Residual may still be on its way go back when it has landed (or failed, or timed out).
 
+First token (``--lynx-first-token-at-prefill``, the default): at a request's last chunk prefill has
+its first token in its aux row (the metadata SGLang sends decode after the KV). Before any KV of
+that chunk moves, prefill sends the row to decode in one small ``LYNX_FIRST`` message, which decode
+writes into its own aux row for the request (``first_token`` does the rest).
+
 Prefill (per request chunk, on the scheduler thread right after the forward): takes the
 request's rows at its first chunk (or queues the chunk, oldest first, until they are free),
 encodes the chunk's pages into them, then hands the chunk to the stream scheduler. Its Anchor
@@ -17,7 +22,7 @@ job writes the first stream of every row into decode's rows and only then passes
 SGLang's own transfer worker, with no pages (``raw``: with the pages, whose bytes SGLang writes
 itself). SGLang's worker then sends the first token (aux row) and reports Success to decode
 exactly as usual, and prefill answers its HTTP request (the router relays decode's stream only
-after that answer). In ``lynx`` mode the Residual follows in bounded jobs behind every pending
+after that answer), unless it answered it at the first token. In ``lynx`` mode the Residual follows in bounded jobs behind every pending
 Anchor; its end is announced to decode with a ``LYNX_RESIDUAL`` message. The request's KV pages
 and rows are released only after that: the prefill scheduler's release is deferred until then.
 
@@ -45,6 +50,7 @@ import torch
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.common.conn import ABORT_TAG
+from sglang.srt.disaggregation.common.utils import AuxDataCodec
 from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
 from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
@@ -60,6 +66,7 @@ logger = logging.getLogger(__name__)
 REGISTRATION_FRAME = b"LYNX"  # followed by one JSON frame, at the end of decode's registration
 ROWS_FRAME = b"LYNX_ROWS"  # followed by decode's rows (int32), at the end of SGLang's metadata message
 RESIDUAL_MESSAGE = b"LYNX_RESIDUAL"  # [header, room, b"1" ok | b"0" failed, reason]
+FIRST_TOKEN_MESSAGE = b"LYNX_FIRST"  # [header, room, decode's aux index, the aux row of each buffer...]
 # A new request's Anchor waits for at most one Residual job: keep a job to a few ms of link time.
 RESIDUAL_JOB_SECONDS = 0.02
 RESIDUAL_JOB_BYTES = (4 << 10, 1 << 20)  # bounds, whatever the link
@@ -132,6 +139,8 @@ class LynxKVManager(MooncakeKVManager):
             self.streams = StreamScheduler()
             self.residual_plans: dict[int, _ResidualPlan] = {}  # from first stream to Residual's end
             self.deferred_releases: dict[int, Callable[[], None]] = {}  # run on the scheduler thread
+            # room -> its first token's messages to decode, sent once prefill has answered its request
+            self.first_token_messages: dict[int, list[tuple[NetworkAddress, list[bytes]]]] = {}
         else:
             self.waiting_since: dict[int, float] = {}  # room -> when it first waited for rows
             self.staging_waits: dict[int, float] = {}  # room -> seconds it waited, until it lands
@@ -139,7 +148,8 @@ class LynxKVManager(MooncakeKVManager):
             self.residual_sources: dict[int, str] = {}  # room -> bootstrap address of the prefill sending it
             # Rows of ended requests whose Residual may still be written into them: room -> (rows, deadline).
             self.abandoned: dict[int, tuple[np.ndarray, float]] = {}
-            self.residual_landed = threading.Event()  # wakes an idle scheduler
+            self.first_tokens: dict[int, float] = {}  # room -> when its first token came (aux row written)
+            self.arrived = threading.Event()  # a Residual or a first token: wakes an idle scheduler
             self._arrivals_lock = threading.Lock()  # the receiving thread vs the scheduler
 
     def attach_pool(self, pool) -> None:
@@ -179,7 +189,8 @@ class LynxKVManager(MooncakeKVManager):
 
     def build_receiver_registration_message(self):
         lynx = {"mode": self.lynx.mode, "anchor_bits": self.lynx.anchor_bits,
-                "group_size": self.lynx.group_size, "rows_ptr": self.rows.data_ptr,
+                "group_size": self.lynx.group_size, "first_token_at_prefill": self.lynx.first_token_at_prefill,
+                "rows_ptr": self.rows.data_ptr,
                 "row_nbytes": self.rows.row_nbytes, "row_version": VERSION}
         return super().build_receiver_registration_message() + [REGISTRATION_FRAME, json.dumps(lynx).encode()]
 
@@ -210,6 +221,9 @@ class LynxKVManager(MooncakeKVManager):
                 return None
             if msg[0] == RESIDUAL_MESSAGE:
                 self._on_residual_message(msg)
+                return None
+            if msg[0] == FIRST_TOKEN_MESSAGE:
+                self._on_first_token(msg)
                 return None
             if self.disaggregation_mode != DisaggregationMode.PREFILL:
                 return msg
@@ -244,6 +258,9 @@ class LynxKVManager(MooncakeKVManager):
         if status == KVPoll.Bootstrapping and self.early_aborts.pop(bootstrap_room, None) is not None:
             self.record_failure(bootstrap_room, "Aborted by the decode worker")
             super().update_status(bootstrap_room, KVPoll.Failed)
+        if status == KVPoll.Failed and self.disaggregation_mode == DisaggregationMode.PREFILL:
+            # e.g. decode answered the request on its first token and aborted the transfer
+            self.timings.close(bootstrap_room, failed=True)
 
     def _validate_peer_state_layout(self, decode_kv_args):
         fully_checked, mismatch = super()._validate_peer_state_layout(decode_kv_args)
@@ -252,10 +269,14 @@ class LynxKVManager(MooncakeKVManager):
         return fully_checked, mismatch
 
     def _lynx_mismatch(self, peer: Optional[dict]) -> Optional[str]:
-        ours = {"mode": self.lynx.mode, "anchor_bits": self.lynx.anchor_bits, "group_size": self.lynx.group_size}
-        theirs = {k: peer[k] for k in ours} if peer else {"mode": "off"}
+        ours = {"mode": self.lynx.mode, "anchor_bits": self.lynx.anchor_bits, "group_size": self.lynx.group_size,
+                "first_token_at_prefill": self.lynx.first_token_at_prefill}
+        # (A decode worker of an earlier release sends no first_token_at_prefill: it takes no early token.)
+        theirs = {k: peer.get(k, False) for k in ours} if peer else {"mode": "off"}
         if theirs != ours:
-            describe = lambda d: " ".join(f"--lynx-{k.replace('_', '-')} {v}" for k, v in d.items())
+            flag = lambda k, v: (f"--{'' if v else 'no-'}lynx-{k.replace('_', '-')}" if isinstance(v, bool)
+                                 else f"--lynx-{k.replace('_', '-')} {v}")
+            describe = lambda d: " ".join(flag(k, v) for k, v in d.items())
             return (f"Lynx settings differ: prefill runs {describe(ours)}, decode runs {describe(theirs)}; "
                     f"start both workers with the same Lynx settings")
         if peer.get("row_version", 1) != VERSION:
@@ -285,6 +306,8 @@ class LynxKVManager(MooncakeKVManager):
         num_tokens = num_kv_tokens or len(pages) * self.rows.page_size
         if is_last_chunk:
             self.timings.add(bootstrap_room, kv_ready=time.time())  # the prompt's forward is done
+            if self.lynx.first_token_at_prefill and aux_index is not None:
+                self._prepare_first_token(bootstrap_room, aux_index, targets)
         self.waiting_chunks.append(_Chunk(bootstrap_room, pages, num_tokens, index_slice, is_last_chunk,
                                           targets, forward, time.time()))
         self.start_waiting_chunks()
@@ -346,10 +369,27 @@ class LynxKVManager(MooncakeKVManager):
         """Prefill: the request's KV is released; so are its rows and what waited for them."""
         self.rows.free(self.staged.pop(room, NO_PAGES))
         self.peer_rows.pop(room, None)
+        self.first_token_messages.pop(room, None)  # it ended before its first token went
         if any(chunk.room == room for chunk in self.waiting_chunks):
             self.waiting_chunks = collections.deque(c for c in self.waiting_chunks if c.room != room)
 
     # --- prefill: streams ---------------------------------------------------------------------
+
+    def _prepare_first_token(self, room, aux_index: int, targets) -> None:
+        """The request's aux row (first token, its logprobs, cached-token counts) for each decode worker."""
+        rows = [AuxDataCodec.serialize_data_from_buffer(ptr + size * aux_index, size)
+                for ptr, size in zip(self.kv_args.aux_data_ptrs, self.kv_args.aux_item_lens)]
+        self.first_token_messages[room] = [
+            (NetworkAddress(info.endpoint, info.dst_port),
+             [FIRST_TOKEN_MESSAGE, str(room).encode(), str(info.dst_aux_index).encode(), *rows])
+            for _, info in targets]
+
+    def send_first_token(self, room) -> None:
+        """Send the first token of ``room`` to decode, ahead of its KV (scheduler thread, once prefill
+        has answered the request: decode may end it on this token)."""
+        for address, frames in self.first_token_messages.pop(room):
+            self._send_multipart_locked(address.to_tcp(), frames, is_ipv6=address.is_ipv6)
+        self.timings.add(room, first_token_sent=time.time())
 
     def _send_first_stream(self, chunk: _Chunk, rows, forward) -> None:
         room = chunk.room
@@ -476,6 +516,7 @@ class LynxKVManager(MooncakeKVManager):
         self.residual_sources.pop(room, None)
         rows = self.staged.pop(room, NO_PAGES)
         with self._arrivals_lock:
+            self.first_tokens.pop(room, None)
             if residual_due and self.residual_arrivals.pop(room, None) is None:
                 # A second release of the same request (SGLang's, after Lynx's own) keeps what the first kept.
                 kept, _ = self.abandoned.get(room, (NO_PAGES, 0.0))
@@ -493,6 +534,21 @@ class LynxKVManager(MooncakeKVManager):
 
     # --- decode: arrivals ---------------------------------------------------------------------
 
+    def _on_first_token(self, msg) -> None:
+        room, aux_index, rows = int(msg[1]), int(msg[2]), msg[3:]
+        if self.request_status.get(room) in (None, KVPoll.Failed, KVPoll.Success):
+            return  # its request has ended (aux row freed, maybe someone else's now) or has its aux already
+        for buffer, row in enumerate(rows[:len(self.kv_args.aux_data_ptrs)]):
+            AuxDataCodec.deserialize_data_to_buffer(self.kv_args, buffer, aux_index, row)
+        with self._arrivals_lock:
+            self.first_tokens[room] = time.time()
+        self.arrived.set()
+
+    def take_first_token(self, room) -> Optional[float]:
+        """When the first token of ``room`` came, once it has (its aux row then holds it); else None."""
+        with self._arrivals_lock:
+            return self.first_tokens.pop(room, None)
+
     def _on_residual_message(self, msg) -> None:
         room, ok, reason = int(msg[1]), msg[2] == b"1", msg[3].decode()
         with self._arrivals_lock:
@@ -502,7 +558,7 @@ class LynxKVManager(MooncakeKVManager):
         if abandoned is not None:
             self.rows.free(abandoned[0])
             return
-        self.residual_landed.set()
+        self.arrived.set()
 
     def expect_residual(self, room, bootstrap_addr: str) -> None:
         """Decode: ``room`` landed on its Anchor; its Residual comes from the prefill at ``bootstrap_addr``."""
@@ -520,7 +576,7 @@ class LynxKVManager(MooncakeKVManager):
         if lost:
             logger.error("Lynx: lost the prefill worker %s: %d requests will not get their Residual",
                          failed_bootstrap_addr, len(lost))
-            self.residual_landed.set()
+            self.arrived.set()
 
     def take_residual_arrival(self, room) -> Optional[ResidualArrival]:
         """The Residual of ``room`` once it has landed (or failed); else None."""
@@ -528,6 +584,7 @@ class LynxKVManager(MooncakeKVManager):
             return self.residual_arrivals.pop(room, None)
 
     def wait_for_residual(self, timeout: float) -> None:
-        """Sleep until a Residual lands or ``timeout`` passes (an idle scheduler waiting for one)."""
-        if self.residual_landed.wait(timeout):
-            self.residual_landed.clear()
+        """Sleep until a Residual (or a first token) lands or ``timeout`` passes (an idle scheduler
+        waiting for one)."""
+        if self.arrived.wait(timeout):
+            self.arrived.clear()

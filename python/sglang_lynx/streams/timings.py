@@ -32,6 +32,13 @@ class Timings:
                 else:
                     record[key] = value
 
+    def close(self, room: int, **fields) -> None:
+        """Flush a request's record if it is still open (a request that ended early)."""
+        with self._lock:
+            open_ = room in self._records
+        if open_:
+            self.flush(room, **fields)
+
     def flush(self, room: int, **fields) -> dict:
         """Finish a request's record: log it and append it to the timings file."""
         self.add(room, **fields)
