@@ -11,9 +11,10 @@ Residual (``lynx``) is in the KV pool, or when SGLang releases a failed request;
 Residual may still be on its way go back when it has landed (or failed, or timed out).
 
 First token (``--lynx-first-token-at-prefill``, the default): at a request's last chunk prefill has
-its first token in its aux row (the metadata SGLang sends decode after the KV). Before any KV of
-that chunk moves, prefill sends the row to decode in one small ``LYNX_FIRST`` message, which decode
-writes into its own aux row for the request (``first_token`` does the rest).
+its first token in its aux row (the metadata SGLang sends decode after the KV). In the same
+scheduler step, once prefill has answered the request, it sends the row to decode in one small
+``LYNX_FIRST`` message beside the paced link, which decode writes into its own aux row for the
+request (``first_token`` does the rest).
 
 Prefill (per request chunk, on the scheduler thread right after the forward): takes the
 request's rows at its first chunk (or queues the chunk, oldest first, until they are free),
@@ -22,9 +23,10 @@ job writes the first stream of every row into decode's rows and only then passes
 SGLang's own transfer worker, with no pages (``raw``: with the pages, whose bytes SGLang writes
 itself). SGLang's worker then sends the first token (aux row) and reports Success to decode
 exactly as usual, and prefill answers its HTTP request (the router relays decode's stream only
-after that answer), unless it answered it at the first token. In ``lynx`` mode the Residual follows in bounded jobs behind every pending
-Anchor; its end is announced to decode with a ``LYNX_RESIDUAL`` message. The request's KV pages
-and rows are released only after that: the prefill scheduler's release is deferred until then.
+after that answer), unless it answered it at the first token. In ``lynx`` mode the Residual
+follows in bounded jobs behind every pending Anchor; its end is announced to decode with a
+``LYNX_RESIDUAL`` message. The request's KV pages and rows are released only after that: the
+prefill scheduler's release is deferred until then.
 
 Decode appends the address of its rows and its Lynx settings to SGLang's registration message.
 Prefill refuses to transfer to a decode worker whose settings differ, through SGLang's own
