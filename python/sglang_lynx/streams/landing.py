@@ -167,8 +167,9 @@ def commit_transfer(original, queue, decode_req):
     if first_token is None:
         result = original(queue, decode_req)
         manager.timings.add(room, first_token_streamed=now)  # by SGLang, in this scheduler step
-    else:
-        result = end_transfer(decode_req)
+    else:  # SGLang committed it when the first token came: only the transfer's end is left
+        result = None
+        end_transfer(decode_req)
     if mode == "lynx" and not req.finished():
         anchored_requests(queue)[req.rid] = Anchored(manager, pages, list(rows), num_tokens, room, now)
         manager.expect_residual(room, receiver.bootstrap_addr)
