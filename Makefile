@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODEL ?= smollm2
 QWEN := qwen2.5-coder-1.5b
 
-.PHONY: setup model-qwen demo test test-unit test-qwen bench-codec bench-landing bench-ttft bench-speculation bench-speculation-qwen bench-agreement bench-serving bench-faults bench-load cluster-up cluster-down clean
+.PHONY: setup model-qwen demo test test-unit test-qwen test-tp bench-codec bench-landing bench-ttft bench-speculation bench-speculation-qwen bench-agreement bench-serving bench-faults bench-load cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,6 +26,10 @@ test-unit: setup
 # A Qwen2.5-Coder-1.5B PD cluster (two 7 GB workers): lynx answers as int8.
 test-qwen: model-qwen
 	$(PY) -m pytest -m qwen
+
+# PD pairs whose workers run two tensor-parallel ranks each (--tp-size 2): lynx answers as int8.
+test-tp: setup
+	$(PY) -m pytest -m tp
 
 bench-codec: setup
 	$(PY) -m sglang_lynx.bench codec --json bench-codec.json

@@ -100,3 +100,10 @@ def test_a_worker_process_that_fails_reaches_the_launcher_through_the_fork_serve
     result = subprocess.run([sys.executable, str(script), *preload], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["['SIGQUIT']"]
+
+
+def test_the_ranks_of_a_tensor_parallel_cpu_worker_get_a_share_of_the_cores_each():
+    assert cpu.cores_per_rank([0, 1], 2) == "0|1"
+    assert cpu.cores_per_rank(list(range(16)), 2) == "0-7|8-15"
+    assert cpu.cores_per_rank([0, 2, 4, 6], 2) == "0,2|4,6"  # the cores this process may use
+    assert cpu.cores_per_rank([0], 2) == "0|0"  # fewer cores than ranks: they share

@@ -60,7 +60,6 @@ def checked(mode: str, *argv: str) -> None:
 
 
 UNSUPPORTED = [
-    (["--tp-size", "2"], "--tp-size 2 is not supported by Lynx yet"),
     (["--pp-size", "2"], "--pp-size 2 is not supported by Lynx yet"),
     (["--dp-size", "2"], "--dp-size 2 is not supported by Lynx yet"),
     (["--attn-dp-size", "2"], "--attn-dp-size 2 is not supported by Lynx yet"),
@@ -81,6 +80,12 @@ def test_every_lynx_mode_refuses_several_ranks_a_kv_pool_not_of_the_model_dtype_
     for role in ("prefill", "decode"):
         with pytest.raises(LynxConfigError, match=re.escape(message)):
             checked(mode, "--disaggregation-mode", role, *argv)
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "off"])
+def test_every_lynx_mode_runs_a_worker_over_several_tensor_parallel_ranks(mode):
+    for role in ("prefill", "decode"):
+        checked(mode, "--disaggregation-mode", role, "--tp-size", "2")
 
 
 def test_mode_off_leaves_every_sglang_setting_to_sglang():

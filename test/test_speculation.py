@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from scipy.stats import chisquare
 
 from sglang_lynx.speculation.acceptance import (SamplingParams, Verdict, greedy_verdict, sampled_verdict,
@@ -219,6 +220,9 @@ class Landed:
 
     manager = SimpleNamespace(waiting_timeout=30)
 
+    def residual_came(self):
+        return True
+
     def take_residual(self):
         return SimpleNamespace(failure=None)
 
@@ -249,6 +253,7 @@ def verify(monkeypatch, speculator, exact_rows, free_pages=100, page_size=4):
     monkeypatch.setattr(module, "release_kv_cache", lambda *args, **kwargs: None)
     allocator = SimpleNamespace(page_size=page_size, available_size=lambda: free_pages * page_size)
     scheduler = SimpleNamespace(running_batch=SimpleNamespace(reqs=[], filter_batch=lambda **kwargs: None),
+                                attn_tp_cpu_group=dist.ProcessGroupGloo(dist.HashStore(), 0, 1),  # one rank
                                 waiting_queue=[], tree_cache=None, token_to_kv_pool_allocator=allocator,
                                 output_streamer=SimpleNamespace(stream_output=lambda reqs, return_logprob: None))
     decode_on = speculator.verify_landed(scheduler)

@@ -537,18 +537,52 @@ def test_a_first_token_goes_from_prefill_s_aux_row_to_decode_s_and_wakes_its_sch
     assert not decode_aux[0].any() and not decode.arrived.is_set() and decode.take_first_token(5) is None
 
 
-def test_workers_that_differ_on_the_first_token_are_told_which_flag_differs():
+def test_workers_that_differ_on_the_first_token_or_the_tensor_parallel_size_are_told_which_flag_differs():
     from sglang_lynx.streams.mooncake import LynxKVManager
     from sglang_lynx.streams.rows import VERSION
 
-    prefill = types.SimpleNamespace(lynx=LynxConfig(mode="lynx"), rows=types.SimpleNamespace(row_nbytes=64))
+    prefill = types.SimpleNamespace(lynx=LynxConfig(mode="lynx"), rows=types.SimpleNamespace(row_nbytes=64),
+                                    attn_tp_size=2)
     decode = {"mode": "lynx", "anchor_bits": 4, "group_size": 64, "first_token_at_prefill": False,
-              "row_version": VERSION, "row_nbytes": 64}
+              "tp_size": 2, "row_version": VERSION, "row_nbytes": 64}
     reason = LynxKVManager._lynx_mismatch(prefill, decode)
     assert reason.startswith("Lynx settings differ: prefill runs --lynx-mode lynx --lynx-anchor-bits 4 "
                              "--lynx-group-size 64 --lynx-first-token-at-prefill, decode runs --lynx-mode lynx "
                              "--lynx-anchor-bits 4 --lynx-group-size 64 --no-lynx-first-token-at-prefill;")
-    assert LynxKVManager._lynx_mismatch(prefill, {**decode, "first_token_at_prefill": True}) is None
+    decode["first_token_at_prefill"] = True
+    assert LynxKVManager._lynx_mismatch(prefill, decode) is None
+    assert LynxKVManager._lynx_mismatch(prefill, {**decode, "tp_size": 1}).startswith(
+        "Lynx needs the same --tp-size on both workers (each rank sends its own KV heads to its peer rank): "
+        "prefill runs --tp-size 2, decode --tp-size 1")
+
+
+def test_the_ranks_of_a_worker_agree_entry_by_entry_and_a_single_rank_decides_alone(tmp_path):
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    from sglang_lynx.streams import ranks
+
+    seen = {0: [True, True, False], 1: [True, False, False]}  # e.g. whose Residual has landed, per rank
+
+    def rank(i, store_path, results):
+        group = dist.ProcessGroupGloo(dist.FileStore(store_path, 2), i, 2)
+        results.put((i, ranks.on_every_rank(group, seen[i]), ranks.on_any_rank(group, seen[i]),
+                     ranks.fewest(group, 10 + i), ranks.on_every_rank(group, [])))
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    workers = [context.Process(target=rank, args=(i, str(tmp_path / "store"), results)) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    got = dict((i, rest) for i, *rest in (results.get(timeout=60) for _ in workers))
+    for worker in workers:
+        worker.join(10)
+    agreed = ([True, False, False], [True, True, False], 10, [])
+    assert got == {0: list(agreed), 1: list(agreed)}
+
+    alone = dist.ProcessGroupGloo(dist.HashStore(), 0, 1)
+    assert ranks.on_every_rank(alone, seen[1]) == seen[1] and ranks.fewest(alone, 7) == 7
 
 
 def test_requests_waiting_for_rows_are_timed_from_their_first_wait():

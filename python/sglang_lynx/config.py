@@ -199,16 +199,18 @@ class LynxConfig:
                 f"--lynx-mode {self.mode} cannot be combined with --disaggregation-decode-enable-offload-kvcache: "
                 f"decode could offload Anchor-precision KV to a cache that prefill later reuses"
             )
+        # Tensor parallelism is supported (the ranks agree on every Lynx decision: streams.ranks);
+        # these split a worker otherwise, and Lynx has not been built or tested for them.
         ranks = [f"{flag} {size}" for flag, size in (
-            ("--tp-size", server_args.tp_size), ("--pp-size", server_args.pp_size),
-            ("--dp-size", server_args.dp_size), ("--attn-dp-size", server_args.attn_dp_size)) if size > 1]
+            ("--pp-size", server_args.pp_size), ("--dp-size", server_args.dp_size),
+            ("--attn-dp-size", server_args.attn_dp_size)) if size > 1]
         if server_args.enable_dp_attention:
             ranks.append("--enable-dp-attention")
         if ranks:
             raise LynxConfigError(
-                f"{' '.join(ranks)} is not supported by Lynx yet (--lynx-mode {self.mode}): each rank would decide "
-                f"alone when a Residual has landed, which rows are free and when to verify, and the verify "
-                f"forward's collectives would then run on some ranks only (a hang); run one rank per worker"
+                f"{' '.join(ranks)} is not supported by Lynx yet (--lynx-mode {self.mode}): its ranks would not "
+                f"agree on when a Residual has landed, which rows are free and when to verify; use --tp-size "
+                f"alone to spread a worker over several devices"
             )
         kv_dtype, bf16 = server_args.kv_cache_dtype, ("bf16", "bfloat16")
         if kv_dtype != "auto" and not (kv_dtype in bf16 and server_args.dtype == "bfloat16"):

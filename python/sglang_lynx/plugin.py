@@ -317,7 +317,7 @@ def _release_after_residual(original, req, *args, **kwargs):
 def _prefill_step(result, scheduler, *args, **kwargs):
     manager = _lynx_manager(_prefill_manager(scheduler))
     if manager is not None:
-        manager.step()
+        manager.step(scheduler.attn_tp_cpu_group)
     return result
 
 

@@ -65,6 +65,9 @@ SERVER_ARG_DEFAULTS = {
 # or at once when a new request comes: SGLang polls at once, which keeps a core busy per worker.
 TRANSFER_POLL_MS = 5
 
+# SGLang's CPU path: which cores each rank of a worker binds its threads to.
+CORES_PER_RANK = "SGLANG_CPU_OMP_THREADS_BIND"
+
 # The Lynx config this process's plugin hooks were registered for (patch_sglang).
 _hooked_for: LynxConfig | None = None
 
@@ -139,6 +142,7 @@ def hooks() -> list:
         ("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",
          _size_kv_pool, HookType.AROUND),
         ("sglang.srt.entrypoints.engine._set_envs_and_config", _fork_workers, HookType.AFTER),
+        ("sglang.srt.entrypoints.engine._set_envs_and_config", _cores_per_rank, HookType.AFTER),
         ("sglang.srt.managers.scheduler.Scheduler.on_idle", _nap_while_transfers_wait, HookType.AFTER),
     ]
 
@@ -193,6 +197,25 @@ def _fork_workers(result, *args, **kwargs) -> None:
     else:
         multiprocessing.set_start_method("forkserver", force=True)
         multiprocessing.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
+
+
+def _cores_per_rank(result, server_args, *args, **kwargs) -> None:
+    """AFTER ``_set_envs_and_config``: with several ranks per worker (``--tp-size``), SGLang's CPU path
+    wants one NUMA node per rank, or each rank's cores in SGLANG_CPU_OMP_THREADS_BIND. Unless that is
+    set, give each rank its share of this process's cores (a core shared when there are fewer)."""
+    ranks = server_args.tp_size * server_args.pp_size
+    if ranks > 1 and not os.environ.get(CORES_PER_RANK):
+        os.environ[CORES_PER_RANK] = cores_per_rank(sorted(os.sched_getaffinity(0)), ranks)
+        logger.info("%s=%s (one group of cores per rank)", CORES_PER_RANK, os.environ[CORES_PER_RANK])
+
+
+def cores_per_rank(cores: list[int], ranks: int) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for ``ranks`` ranks sharing ``cores``: contiguous groups, "|"-separated
+    (``0-7|8-15``)."""
+    share = max(1, len(cores) // ranks)
+    groups = [cores[(i * share) % len(cores):][:share] for i in range(ranks)]
+    span = lambda g: f"{g[0]}-{g[-1]}" if g[-1] - g[0] == len(g) - 1 > 0 else ",".join(map(str, g))
+    return "|".join(span(group) for group in groups)
 
 
 def _as_if_spawned() -> None:

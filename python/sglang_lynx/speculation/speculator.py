@@ -36,6 +36,7 @@ from sglang_lynx.speculation.acceptance import (SamplingParams, Verdict, greedy_
                                                 sampling_distribution)
 from sglang_lynx.speculation.metrics import SpeculationMetrics
 from sglang_lynx.speculation.verify import exact_logits, pages_to_verify, truncate_kv
+from sglang_lynx.streams import ranks
 from sglang_lynx.streams.landing import Anchored, anchored_requests
 
 logger = logging.getLogger(__name__)
@@ -165,18 +166,21 @@ class Speculator:
 
     def verify_landed(self, scheduler) -> list:
         """Verify every request whose Residual has landed; return those that decode on."""
-        landed, failed = [], []
-        for rec in list(self.records.values()):
-            if rec.refined is None:
-                arrival = rec.anchored.take_residual()
-                if arrival is None:
-                    continue
-                failure = arrival.failure or rec.anchored.refine()
-                if failure:
-                    failed.append((rec, failure))
-                    continue
+        group = scheduler.attn_tp_cpu_group
+        waiting = [rec for rec in self.records.values() if rec.refined is None]
+        # Every rank takes a Residual up in the same step, once it has come to all of them, and all of
+        # them fail the request if its refinement failed on one.
+        came = [rec for rec, everywhere in zip(waiting, ranks.on_every_rank(
+            group, [rec.anchored.residual_came() for rec in waiting])) if everywhere]
+        failures = [rec.anchored.take_residual().failure or rec.anchored.refine() for rec in came]
+        failed = [(rec, failure or "the Residual did not land on another tensor-parallel rank")
+                  for rec, failure, anywhere in zip(came, failures, ranks.on_any_rank(
+                      group, [failure is not None for failure in failures])) if anywhere]
+        failed_here = {id(rec) for rec, _ in failed}
+        for rec in came:
+            if id(rec) not in failed_here:
                 rec.refined = time.time()
-            landed.append(rec)
+        landed = [rec for rec in self.records.values() if rec.refined is not None]
         leaving = {id(rec.req) for rec in landed + [rec for rec, _ in failed]}
         if leaving:
             # Between two steps a request is in the running batch, or (admitted beyond the batch
@@ -196,15 +200,19 @@ class Speculator:
         that finish give pages back; past the KV waiting timeout they end with their verified tokens."""
         allocator = scheduler.token_to_kv_pool_allocator
         free = allocator.available_size() // allocator.page_size
-        ready = []
+        ready, no_room = [], []
         for rec in recs:
             need = pages_to_verify(rec.req, allocator.page_size)
             if need <= free:
                 free -= need
                 ready.append(rec)
-                continue
+            else:
+                no_room.append(rec)
+        timed_out = ranks.on_any_rank(scheduler.attn_tp_cpu_group, [
+            time.time() - rec.refined > rec.anchored.manager.waiting_timeout for rec in no_room])
+        for rec, waited_too_long in zip(no_room, timed_out):
             waited = time.time() - rec.refined
-            if waited > rec.anchored.manager.waiting_timeout:
+            if waited_too_long:
                 self._finish(scheduler, rec, FINISH_ABORT(
                     f"Lynx: the decode KV pool had no room to verify this request for {waited:.0f} s",
                     HTTPStatus.SERVICE_UNAVAILABLE))

@@ -19,6 +19,7 @@ import time
 
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH
 
+from sglang_lynx.streams import ranks
 from sglang_lynx.streams.mooncake import LynxKVManager
 
 # A decode request whose first token came ahead of its KV: while SGLang commits it, and after.
@@ -57,11 +58,13 @@ def stream_first_tokens(queue, *args, **kwargs) -> None:
     manager = getattr(queue.scheduler.disagg_decode_prealloc_queue, "kv_manager", None)
     if not isinstance(manager, LynxKVManager) or not manager.lynx.first_token_at_prefill:
         return
-    for decode_req in queue.queue:
+    receiving = [d for d in queue.queue if d.kv_receiver is not None and not d.req.finished()]
+    # Each rank hears from its own prefill rank: a token is taken once every rank has it.
+    everywhere = ranks.on_every_rank(
+        queue.gloo_group, [manager.first_token_came(d.req.bootstrap_room) is not None for d in receiving])
+    for decode_req in [d for d, came in zip(receiving, everywhere) if came]:
         req, room = decode_req.req, decode_req.req.bootstrap_room
         came = manager.take_first_token(room)
-        if came is None or decode_req.kv_receiver is None or req.finished():
-            continue
         receiver, decode_req.kv_receiver = decode_req.kv_receiver, _StillReceiving()
         decode_req.lynx_first_token = COMMITTING
         try:

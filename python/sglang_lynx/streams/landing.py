@@ -18,6 +18,7 @@ from typing import Optional
 
 from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST, prepare_abort
 
+from sglang_lynx.streams import ranks
 from sglang_lynx.streams.first_token import COMMITTING, end_transfer
 from sglang_lynx.streams.mooncake import LynxKVManager, ResidualArrival
 from sglang_lynx.streams.rows import LynxTransferError
@@ -36,6 +37,11 @@ class Anchored:
     room: int
     since: float
     arrived: bool = False
+
+    def residual_came(self) -> bool:
+        """Whether :meth:`take_residual` has an answer: the Residual landed, failed or is late."""
+        return (self.manager.residual_arrival(self.room) is not None
+                or time.time() - self.since >= self.manager.waiting_timeout)
 
     def take_residual(self) -> Optional[ResidualArrival]:
         """None while the Residual is on its way; then once its arrival (or why it will not come)."""
@@ -94,7 +100,9 @@ def hold_for_staging(original, queue, *args, **kwargs):
         return original(queue, *args, **kwargs)
     if queue.pp_size == 1:
         queue._update_handshake_waiters()  # as pop_preallocated does first: hidden requests need it too
-    free, held, admitted, refused, told = manager.rows.free_rows, [], [], [], []
+    # Every rank lets the same requests through: as far as the rank with the fewest free rows can.
+    free = ranks.fewest(queue.gloo_group, manager.rows.free_rows) if queue.queue else manager.rows.free_rows
+    held, admitted, refused = [], [], []
     for entry in queue.queue:
         req = entry.req
         # Requests still in their handshake count too: it may complete inside pop_preallocated.
@@ -103,17 +111,19 @@ def hold_for_staging(original, queue, *args, **kwargs):
         pages = manager.rows.pages_for(queue._rebootstrap_prefill_len(req))
         reason = manager.too_large(pages)
         if reason is not None:
-            refused.append(entry)  # kept from pop_preallocated until SGLang's abort scan drops it
-            if entry.waiting_for_input:  # handshake done: prefill can be told, and not left waiting
-                prepare_abort(req, f"Lynx: {reason}", status_code=HTTPStatus.BAD_REQUEST)
-                told.append(entry.kv_receiver)
+            refused.append((entry, reason))  # kept from pop_preallocated until SGLang's abort scan drops it
         elif held or pages > free:
             held.append(entry)
         else:
             free -= pages
             admitted.append(req.bootstrap_room)
+    # Refused once the handshake is done on every rank: prefill can then be told, and not left waiting.
+    told = [(entry, reason) for (entry, reason), ready in zip(refused, ranks.on_every_rank(
+        queue.gloo_group, [entry.waiting_for_input for entry, _ in refused])) if ready]
+    for entry, reason in told:
+        prepare_abort(entry.req, f"Lynx: {reason}", status_code=HTTPStatus.BAD_REQUEST)
     manager.note_waiting([entry.req.bootstrap_room for entry in held], admitted)
-    hidden = {id(entry) for entry in held + refused if not entry.req.finished()}
+    hidden = {id(entry) for entry in held + [entry for entry, _ in refused] if not entry.req.finished()}
     everyone = list(queue.queue)
     queue.queue = [entry for entry in everyone if id(entry) not in hidden]
     try:
@@ -122,8 +132,8 @@ def hold_for_staging(original, queue, *args, **kwargs):
         position = {id(entry): i for i, entry in enumerate(everyone)}
         back = [entry for entry in everyone if id(entry) in hidden]
         queue.queue = sorted(queue.queue + back, key=lambda entry: position.get(id(entry), len(everyone)))
-        for receiver in told:  # after the scan, so that the error stays ours; prefill drops the request
-            receiver.ensure_abort_notified()
+        for entry, _ in told:  # after the scan, so that the error stays ours; prefill drops the request
+            entry.kv_receiver.ensure_abort_notified()
 
 
 def release_failed(result, queue, decode_req):
@@ -149,15 +159,20 @@ def commit_transfer(original, queue, decode_req):
     req, mode, room = decode_req.req, manager.lynx.mode, decode_req.req.bootstrap_room
     pages, num_tokens = request_pages(queue, req, manager.rows.page_size)
     rows = manager.staged.get(room)
+    failure = None
     try:
         if rows is None or len(rows) != len(pages):
             raise LynxTransferError(f"this request holds {0 if rows is None else len(rows)} Lynx rows for "
                                     f"{len(pages)} pages")
         manager.rows.land(pages, rows, num_tokens, room, merged=mode == "int8")
     except LynxTransferError as e:
-        logger.error("Lynx: request %s: %s", req.rid, e)
+        failure = str(e)
+    # SGLang commits the same requests in the same order on every rank: they agree on each landing.
+    if ranks.on_any_rank(queue.gloo_group, [failure is not None])[0]:
+        failure = failure or "its KV did not land on another tensor-parallel rank"
+        logger.error("Lynx: request %s: %s", req.rid, failure)
         manager.release_rows(room, residual_due=mode == "lynx", rows_written=mode == "lynx")
-        prepare_abort(req, f"Lynx KV transfer: {e}", status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
+        prepare_abort(req, f"Lynx KV transfer: {failure}", status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
         receiver.clear()
         decode_req.kv_receiver = None
         return None

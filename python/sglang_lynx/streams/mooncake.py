@@ -59,6 +59,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.utils.network import NetworkAddress
 
 from sglang_lynx.config import PLAIN_POOL, LynxConfig, LynxConfigError
+from sglang_lynx.streams import ranks
 from sglang_lynx.streams.rows import VERSION, StagingRows, row_runs, split_blocks
 from sglang_lynx.streams.scheduler import ANCHOR, RESIDUAL, Pacer, StreamScheduler
 from sglang_lynx.streams.timings import Timings
@@ -131,7 +132,9 @@ class LynxKVManager(MooncakeKVManager):
         super().__init__(*args, **kwargs)
         self.lynx = LynxConfig.from_env()
         self.pacer = Pacer(self.lynx.bandwidth_mbps)
-        self.timings = Timings(self.lynx.timings_file, role=self.disaggregation_mode.value)
+        # One record per request: the first tensor-parallel rank's (every rank moves its own heads alike).
+        self.timings = Timings(self.lynx.timings_file if self.attn_tp_rank == 0 else None,
+                               role=self.disaggregation_mode.value)
         self.rows: Optional[StagingRows] = None
         self.staged: dict[int, np.ndarray] = {}  # room -> the rows it holds
         if self.disaggregation_mode == DisaggregationMode.PREFILL:
@@ -192,7 +195,7 @@ class LynxKVManager(MooncakeKVManager):
     def build_receiver_registration_message(self):
         lynx = {"mode": self.lynx.mode, "anchor_bits": self.lynx.anchor_bits,
                 "group_size": self.lynx.group_size, "first_token_at_prefill": self.lynx.first_token_at_prefill,
-                "rows_ptr": self.rows.data_ptr,
+                "tp_size": self.attn_tp_size, "rows_ptr": self.rows.data_ptr,
                 "row_nbytes": self.rows.row_nbytes, "row_version": VERSION}
         return super().build_receiver_registration_message() + [REGISTRATION_FRAME, json.dumps(lynx).encode()]
 
@@ -281,6 +284,9 @@ class LynxKVManager(MooncakeKVManager):
             describe = lambda d: " ".join(flag(k, v) for k, v in d.items())
             return (f"Lynx settings differ: prefill runs {describe(ours)}, decode runs {describe(theirs)}; "
                     f"start both workers with the same Lynx settings")
+        if peer.get("tp_size", 1) != self.attn_tp_size:
+            return (f"Lynx needs the same --tp-size on both workers (each rank sends its own KV heads to its "
+                    f"peer rank): prefill runs --tp-size {self.attn_tp_size}, decode --tp-size {peer.get('tp_size', 1)}")
         if peer.get("row_version", 1) != VERSION:
             return (f"Lynx page row formats differ (version {VERSION} on prefill, {peer.get('row_version', 1)} "
                     f"on decode): run the same sglang-lynx release on both workers")
@@ -473,18 +479,19 @@ class LynxKVManager(MooncakeKVManager):
     # --- prefill: release ---------------------------------------------------------------------
 
     def release_after_residual(self, room, release: Callable[[], None]) -> None:
-        """Release a finished request's KV and rows now, or once its Residual has gone (scheduler thread)."""
-        if room in self.residual_plans:
-            self.deferred_releases[room] = release
-        else:
-            release()
-            self._free_rows(room)
+        """Release a finished request's KV and rows at the end of this scheduler step, or once its
+        Residual has gone (scheduler thread)."""
+        self.deferred_releases[room] = release
 
-    def step(self) -> None:
-        """Prefill, once per scheduler step: deferred releases, then chunks that waited for rows."""
-        for room in [r for r in self.deferred_releases if r not in self.residual_plans]:
-            self.deferred_releases.pop(room)()
-            self._free_rows(room)
+    def step(self, group) -> None:
+        """Prefill, at the end of each scheduler step: the releases whose Residual has gone from every
+        rank of ``group`` (pages freed on some ranks only would make their next batches differ), then
+        chunks that waited for rows."""
+        rooms = list(self.deferred_releases)
+        for room, gone in zip(rooms, ranks.on_every_rank(group, [r not in self.residual_plans for r in rooms])):
+            if gone:
+                self.deferred_releases.pop(room)()
+                self._free_rows(room)
         if self.waiting_chunks:
             self.start_waiting_chunks()
 
@@ -546,8 +553,13 @@ class LynxKVManager(MooncakeKVManager):
             self.first_tokens[room] = time.time()
         self.arrived.set()
 
-    def take_first_token(self, room) -> Optional[float]:
+    def first_token_came(self, room) -> Optional[float]:
         """When the first token of ``room`` came, once it has (its aux row then holds it); else None."""
+        with self._arrivals_lock:
+            return self.first_tokens.get(room)
+
+    def take_first_token(self, room) -> Optional[float]:
+        """:meth:`first_token_came`, once: the token is being committed."""
         with self._arrivals_lock:
             return self.first_tokens.pop(room, None)
 
@@ -580,8 +592,13 @@ class LynxKVManager(MooncakeKVManager):
                          failed_bootstrap_addr, len(lost))
             self.arrived.set()
 
-    def take_residual_arrival(self, room) -> Optional[ResidualArrival]:
+    def residual_arrival(self, room) -> Optional[ResidualArrival]:
         """The Residual of ``room`` once it has landed (or failed); else None."""
+        with self._arrivals_lock:
+            return self.residual_arrivals.get(room)
+
+    def take_residual_arrival(self, room) -> Optional[ResidualArrival]:
+        """:meth:`residual_arrival`, once: the request is done waiting for it."""
         with self._arrivals_lock:
             return self.residual_arrivals.pop(room, None)
 
