@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+import requests
 
 from conftest import GROUP, POOL_ARGS, PROMPTS
 from sglang_lynx.client import complete
@@ -71,3 +72,16 @@ def test_nothing_is_left_held(cluster):
     time.sleep(1)
     books, _ = pd.wait_settled()
     assert settled(books), books
+
+
+def test_workers_with_different_tensor_parallel_sizes_fail_the_request_clearly_and_keep_serving(
+        model_path, tmp_path_factory):
+    spec = ClusterSpec(model_path=model_path, lynx=MODES["lynx"], log_dir=tmp_path_factory.mktemp("tp-mismatch"),
+                       server_args=POOL_ARGS, decode_server_args=TP_ARGS)
+    with PDCluster(spec):
+        r = requests.post(f"{spec.router_url}/v1/completions", timeout=120,
+                          json={"model": "default", "prompt": "Hello", "max_tokens": 4})
+        assert r.status_code >= 400
+        assert "Lynx needs the same --tp-size on both workers" in r.text, r.text
+        for url in (spec.prefill_url, spec.decode_url):
+            assert requests.get(f"{url}/health", timeout=30).status_code == 200

@@ -80,6 +80,7 @@ class ClusterSpec:
     decode_port: int = dataclasses.field(default_factory=free_port)
     bootstrap_port: int = dataclasses.field(default_factory=free_port)
     server_args: list[str] = dataclasses.field(default_factory=list)  # passed to both workers
+    decode_server_args: list[str] = dataclasses.field(default_factory=list)  # and to decode workers only
     server_env: dict[str, str] = dataclasses.field(default_factory=dict)  # e.g. SGLang's timeouts
     decode_workers: int = 1  # more than one: "decode", "decode-2", ... behind the router
     # Prefill, decode, router and a client share the cores.
@@ -365,7 +366,8 @@ class PDCluster(_ProcessGroup):
         if role == "prefill":
             extra += ["--disaggregation-bootstrap-port", str(spec.bootstrap_port)]
         lynx = spec.lynx if role == "prefill" else spec.decode_lynx or spec.lynx
-        return _server_cmd(spec.model_path, port, lynx, extra + spec.server_args)
+        extra += spec.server_args + (spec.decode_server_args if role == "decode" else [])
+        return _server_cmd(spec.model_path, port, lynx, extra)
 
     def restart(self, name: str, timeout: float = 600) -> None:
         """Start a killed worker again, as before, and wait until the router routes requests again."""

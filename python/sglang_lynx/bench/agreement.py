@@ -41,6 +41,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--bandwidth-mbps", type=float, default=16.0, help="emulated KV link rate")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks per worker (SGLang's --tp-size)")
     add_model_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(run=run)
@@ -80,7 +81,8 @@ def ask(url: str, prompt, max_tokens: int):
 def run_mode(mode: str, args, model_path: str, prompts: list, log_dir: Path) -> dict:
     timings = log_dir / f"{mode}-timings.jsonl"
     lynx = LynxConfig(mode=mode, bandwidth_mbps=args.bandwidth_mbps, timings_file=str(timings))
-    spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir / mode)
+    spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir / mode,
+                       server_args=["--tp-size", str(args.tp_size)] if args.tp_size > 1 else [])
     with PDCluster(spec), ThreadPoolExecutor(args.concurrency) as pool, \
             tqdm(total=len(prompts), desc=f"agreement {mode}", unit="req") as progress:
         def one(prompt):
@@ -121,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
     verified = [r for r in runs["lynx"]["decode"] if r.get("speculated")]
     report.update(
         max_tokens=args.max_tokens, bandwidth_mbps=args.bandwidth_mbps, concurrency=args.concurrency,
+        tp_size=args.tp_size,
         speculated_min=min((r["speculated"] for r in verified), default=0),
         speculated_mean=statistics.mean(r["speculated"] for r in verified) if verified else 0,
         accept_rate_mean=(sum(r["accepted"] for r in verified) / sum(r["speculated"] for r in verified)
@@ -132,7 +135,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_report(report: dict) -> None:
-    print(f"\ngreedy lynx == int8 on {report['identical']} of {report['prompts']} prompts "
+    ranks = f", {report['tp_size']} tensor-parallel ranks per worker" if report["tp_size"] > 1 else ""
+    print(f"\ngreedy lynx == int8 on {report['identical']} of {report['prompts']} prompts{ranks} "
           f"({report['max_tokens']} tokens each; every lynx request speculated >= {report['speculated_min']} "
           f"tokens, {report['speculated_mean']:.1f} on average; acceptance {report['accept_rate_mean']:.3f}; "
           f"{report['rolled_back_requests']} requests rolled back)")

@@ -164,19 +164,22 @@ def _size_kv_pool(profile, configurator, *args, **kwargs) -> int:
     import psutil
 
     memory = psutil.virtual_memory()
-    weights = sum(t.numel() * t.element_size() for t in (*configurator.model.parameters(),
-                                                           *configurator.model.buffers()))
-    budget = kv_pool_budget(memory.total, weights)
+    # A worker of several ranks (--tp-size) holds a share of the weights and of the KV pool in each.
+    ranks = configurator.server_args.tp_size * configurator.server_args.pp_size
+    weights = ranks * sum(t.numel() * t.element_size() for t in (*configurator.model.parameters(),
+                                                                   *configurator.model.buffers()))
+    budget = kv_pool_budget(memory.total, weights) // ranks
     context = configurator.model_config.context_len
     tokens = configurator.config_from_budget(budget).max_total_num_tokens
     if tokens > FULL_CONTEXT_REQUESTS * context:
         budget = int(budget * FULL_CONTEXT_REQUESTS * context / tokens)
     chosen = min(budget, max(0, memory.available - FREE_RESERVE_BYTES))
     gib = lambda n: f"{n / 2**30:.1f} GiB"
-    logger.info("Lynx CPU default KV pool: %s, %d tokens: %g of what this %s machine leaves once two workers' "
+    logger.info("Lynx CPU default KV pool: %s, %d tokens%s: %g of what this %s machine leaves once two workers' "
                 "weights (2 x %s) and runtimes (2 x %s) are counted, for at most %d requests of %d tokens%s; "
                 "--max-total-tokens sets it", gib(chosen), configurator.config_from_budget(chosen).max_total_num_tokens,
-                KV_SHARE, gib(memory.total), gib(weights), gib(RUNTIME_BYTES), FULL_CONTEXT_REQUESTS, context,
+                f" (this rank's share, of {ranks})" if ranks > 1 else "", KV_SHARE, gib(memory.total), gib(weights),
+                gib(RUNTIME_BYTES), FULL_CONTEXT_REQUESTS, context,
                 f" (less: only {gib(memory.available)} is free now)" if chosen < budget else "")
     return chosen
 

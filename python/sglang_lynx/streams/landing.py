@@ -122,6 +122,7 @@ def hold_for_staging(original, queue, *args, **kwargs):
         queue.gloo_group, [entry.waiting_for_input for entry, _ in refused])) if ready]
     for entry, reason in told:
         prepare_abort(entry.req, f"Lynx: {reason}", status_code=HTTPStatus.BAD_REQUEST)
+    receivers = [entry.kv_receiver for entry, _ in told]  # SGLang's abort scan drops them from the entries
     manager.note_waiting([entry.req.bootstrap_room for entry in held], admitted)
     hidden = {id(entry) for entry in held + [entry for entry, _ in refused] if not entry.req.finished()}
     everyone = list(queue.queue)
@@ -132,8 +133,8 @@ def hold_for_staging(original, queue, *args, **kwargs):
         position = {id(entry): i for i, entry in enumerate(everyone)}
         back = [entry for entry in everyone if id(entry) in hidden]
         queue.queue = sorted(queue.queue + back, key=lambda entry: position.get(id(entry), len(everyone)))
-        for entry, _ in told:  # after the scan, so that the error stays ours; prefill drops the request
-            entry.kv_receiver.ensure_abort_notified()
+        for receiver in receivers:  # after the scan, so that the error stays ours; prefill drops the request
+            receiver.ensure_abort_notified()
 
 
 def release_failed(result, queue, decode_req):
