@@ -38,6 +38,18 @@ def merge_dequant(anchor, residual, meta, num_tokens: int, dtype=torch.float32, 
     return _backend(backend, anchor).merge_dequant(anchor, residual, meta, num_tokens, dtype, out)
 
 
+def split_stages(residual, stage_bits, backend: str | None = None) -> list:
+    """Residual planes [..., R, n] -> one set of planes [..., b, n] per later stage of a progressive plan
+    (stage_bits, summing to R): the next b bits of every Residual code, high bits first."""
+    return _backend(backend, residual).split_stages(residual, stage_bits)
+
+
+def merge_stages(stages, stage_bits, backend: str | None = None):
+    """The Residual planes from the stages landed so far (a prefix of stage_bits): bit for bit once all
+    have; until then each code's missing low bits stand at the middle of their range."""
+    return _backend(backend, stages[0]).merge_stages(stages, stage_bits)
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -52,3 +64,4 @@ def _backend(name: str | None, tensor: torch.Tensor):
 
         return triton_kernels
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None (automatic); got {name!r}")
+

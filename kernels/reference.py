@@ -289,6 +289,30 @@ def merge_dequant(anchor, residual, meta: Meta, num_tokens: int, dtype=torch.flo
     return _dequantize(codes, meta, _group_size(anchor, meta), num_tokens, dtype, out)
 
 
+def split_stages(residual: torch.Tensor, stage_bits: Sequence[int]) -> list[torch.Tensor]:
+    """Residual planes [..., R, n] -> one set of planes [..., b, n] per later stage of a progressive plan:
+    stage i holds the next stage_bits[i] bits of every Residual code, high bits first (sum = R)."""
+    codes, shift, stages = unpack_bits(residual, residual.shape[-2]), residual.shape[-2], []
+    for bits in stage_bits:
+        shift -= bits
+        stages.append(pack_bits((codes >> shift).bitwise_and_(2**bits - 1), bits))
+    return stages
+
+
+def merge_stages(stages: Sequence[torch.Tensor], stage_bits: Sequence[int]) -> torch.Tensor:
+    """Inverse of split_stages, from the stages that have landed (a prefix of the plan): Residual planes
+    [..., R, n] whose missing low bits stand at the middle of what they could be (2**(m - 1) for m of
+    them; none missing: the Residual, bit for bit)."""
+    residual_bits = sum(stage_bits)
+    missing = residual_bits - sum(stage_bits[: len(stages)])
+    codes = stages[0].new_full(stages[0].shape[:-2] + (STRIPES, stages[0].shape[-1]), 2**missing // 2)
+    shift = residual_bits
+    for planes, bits in zip(stages, stage_bits):
+        shift -= bits
+        codes |= unpack_bits(planes, bits) << shift
+    return pack_bits(codes, residual_bits)
+
+
 def pad_tokens(x: torch.Tensor, padded: int) -> torch.Tensor:
     """x [S, T, H, D] -> [S, padded, H, D], repeating the last token."""
     missing = padded - x.shape[1]

@@ -242,3 +242,87 @@ def dequant_anchor(anchor, meta, table, num_tokens: int, dtype=torch.float32, ou
 
 def merge_dequant(anchor, residual, meta, num_tokens: int, dtype=torch.float32, out=None) -> torch.Tensor:
     return _dequant(anchor, residual, meta, meta.zero, num_tokens, dtype, out, merge=True)
+
+
+@triton.jit
+def _words(seg_ptr, cols, mask, n, BITS: tl.constexpr):
+    """Column k of a segment's BITS planes as one word: 8 codes of BITS bits, stripe i at BITS * i."""
+    word = tl.zeros(cols.shape, tl.int64)
+    for j in tl.static_range(BITS):
+        word |= tl.load(seg_ptr + j * n + cols, mask=mask, other=0).to(tl.int64) << (8 * j)
+    return word
+
+
+@triton.jit
+def _store_word(seg_ptr, cols, mask, n, word, BITS: tl.constexpr):
+    for j in tl.static_range(BITS):
+        tl.store(seg_ptr + j * n + cols, ((word >> (8 * j)) & 255).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _split_stage_kernel(residual_ptr, stage_ptr, n, R: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """One stage's planes of one segment's columns: bits SHIFT .. SHIFT + BITS - 1 of every Residual code."""
+    seg = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    word = _words(residual_ptr + seg * R * n, cols, mask, n, R)
+    stage = tl.zeros(cols.shape, tl.int64)
+    for i in tl.static_range(8):
+        stage |= ((word >> (R * i + SHIFT)) & (2**BITS - 1)) << (BITS * i)
+    _store_word(stage_ptr + seg * BITS * n, cols, mask, n, stage, BITS)
+
+
+@triton.jit
+def _merge_stages_kernel(first_ptr, second_ptr, residual_ptr, n, R: tl.constexpr, FIRST: tl.constexpr,
+                         SECOND: tl.constexpr, FILL: tl.constexpr, BLOCK: tl.constexpr):
+    """Residual planes of one segment's columns from one or two stages (SECOND = 0: not landed), the
+    missing low bits at FILL."""
+    seg = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    first = _words(first_ptr + seg * FIRST * n, cols, mask, n, FIRST)
+    second = tl.zeros(cols.shape, tl.int64)
+    if SECOND > 0:
+        second = _words(second_ptr + seg * SECOND * n, cols, mask, n, SECOND)
+    word = tl.zeros(cols.shape, tl.int64)
+    for i in tl.static_range(8):
+        code = ((first >> (FIRST * i)) & (2**FIRST - 1)) << (R - FIRST)
+        if SECOND > 0:
+            code |= ((second >> (SECOND * i)) & (2**SECOND - 1)) << (R - FIRST - SECOND)
+        word |= (code | FILL) << (R * i)
+    _store_word(residual_ptr + seg * R * n, cols, mask, n, word, R)
+
+
+STAGE_BLOCK = 256  # columns per program
+
+
+def split_stages(residual: torch.Tensor, stage_bits) -> list[torch.Tensor]:
+    _check_device(residual)
+    residual = residual.contiguous()
+    R, n = residual.shape[-2:]
+    segments = residual.numel() // (R * n)
+    stages, shift = [], R
+    for bits in stage_bits:
+        shift -= bits
+        stage = residual.new_empty(residual.shape[:-2] + (bits, n))
+        _split_stage_kernel[(segments, triton.cdiv(n, STAGE_BLOCK))](
+            residual, stage, n, R=R, SHIFT=shift, BITS=bits, BLOCK=STAGE_BLOCK)
+        stages.append(stage)
+    return stages
+
+
+def merge_stages(stages, stage_bits) -> torch.Tensor:
+    if len(stage_bits) > 2:
+        raise ValueError(f"the Triton merge takes a Residual of at most two stages; got {list(stage_bits)}")
+    first = stages[0].contiguous()
+    _check_device(first)
+    n, R = first.shape[-1], sum(stage_bits)
+    second = stages[1].contiguous() if len(stages) > 1 else first  # not read when it has not landed
+    second_bits = stage_bits[1] if len(stages) > 1 else 0
+    missing = R - stage_bits[0] - second_bits
+    residual = first.new_empty(first.shape[:-2] + (R, n))
+    _merge_stages_kernel[(first.numel() // (stage_bits[0] * n), triton.cdiv(n, STAGE_BLOCK))](
+        first, second, residual, n, R=R, FIRST=stage_bits[0], SECOND=second_bits, FILL=2**missing // 2,
+        BLOCK=STAGE_BLOCK)
+    return residual

@@ -98,6 +98,43 @@ def test_anchor_plus_residual_decodes_to_exactly_the_int8_dequantization(case):
     assert torch.equal(merged, fake_quantize(kv, codec.group_size, 1, 8))
 
 
+# Progressive plans (bits per stage, 8 in all): the Anchor, then the Residual in one or two stages.
+PLANS = [(a, *rest) for a in range(2, 7) for rest in
+         [(8 - a,), *((b, 8 - a - b) for b in range(1, 8 - a))]]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=[",".join(map(str, p)) for p in PLANS])
+def test_the_residual_splits_into_the_stages_of_every_plan_and_merges_back_to_int8_bit_for_bit(plan):
+    codec = Codec(2, 3, 20, anchor_bits=plan[0], group_size=16)
+    kv, T = random_kv(plan[0], 2, 37, 3, 20), 37
+    planes = codec.encode(kv)
+    stages = codec.split_residual(planes.residual, T, plan[1:])
+    assert [s.numel() for s in stages] == [planes.residual.numel() * b // codec.residual_bits for b in plan[1:]]
+    assert torch.equal(codec.merge_residual(stages, T, plan[1:]), planes.residual)
+    int8 = codec.decode_merged(planes.anchor, codec.merge_residual(stages, T, plan[1:]), planes.meta, T)
+    assert torch.equal(int8, fake_quantize(kv, codec.group_size, 1, 8))
+
+
+@pytest.mark.parametrize("plan", [p for p in PLANS if len(p) == 3], ids=lambda p: ",".join(map(str, p)))
+def test_before_the_last_stage_each_code_has_its_landed_bits_and_the_middle_of_the_missing_ones(plan):
+    codec = Codec(1, 2, 8, anchor_bits=plan[0], group_size=8)
+    planes = codec.encode(random_kv(1, 1, 20, 2, 8))
+    stages = codec.split_residual(planes.residual, 20, plan[1:])
+    R, missing = codec.residual_bits, plan[2]
+    exact = reference.unpack_bits(planes.residual.view(3, 2, 1, R, -1), R)
+    partial = reference.unpack_bits(codec.merge_residual(stages[:1], 20, plan[1:]).view(3, 2, 1, R, -1), R)
+    assert torch.equal(partial >> missing, exact >> missing)
+    assert (partial & (2**missing - 1)).eq(2**missing // 2).all()
+
+
+def test_stages_that_do_not_make_up_the_residual_are_rejected():
+    codec = Codec(1, 1, 8, anchor_bits=4, group_size=8)
+    planes = codec.encode(random_kv(0, 1, 8, 1, 8))
+    for stages in ([2, 1], [4, 0], [5]):
+        with pytest.raises(ValueError, match="at least one bit, 4 in all"):
+            codec.split_residual(planes.residual, 8, stages)
+
+
 @examples
 @given(kv_cases())
 def test_int8_error_is_at_most_half_a_code_step(case):

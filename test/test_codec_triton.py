@@ -127,6 +127,17 @@ def test_nan_and_inf_are_rejected(bad):
         Codec(1, 1, 8, group_size=8, backend="triton").encode(kv.to(DEVICE))
 
 
+@pytest.mark.parametrize("plan", [(4, 4), (4, 2, 2), (5, 1, 2), (2, 3, 3), (6, 1, 1)],
+                         ids=lambda p: ",".join(map(str, p)))
+def test_splitting_the_residual_into_stages_and_merging_them_are_bit_identical(plan):
+    R = 8 - plan[0]
+    residual = torch.randint(0, 256, (3, 2, 2, R, 40), dtype=torch.uint8, device=DEVICE)
+    ref, tri = both("split_stages", residual, plan[1:])
+    assert all(same_bits(r, t) for r, t in zip(ref, tri))
+    for landed in range(1, len(plan)):
+        assert same_bits(*both("merge_stages", ref[:landed], plan[1:]))
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="only CPU tensors need the interpreter")
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -155,6 +166,9 @@ for out, merge, slots in (("*fp32", True, False), ("*bf16", False, True)):
     slots_pointers = {"buffer_offset_ptr": "*i64", "index_ptr": "*i64"}
     pointers = {**planes, **meta, "table_ptr": "*fp16", "out_ptr": out, **slots_pointers}
     compile(k._dequant_kernel, pointers, G=64, BLOCK_D=128, A=3, MERGE=merge, SLOTS=slots)
+compile(k._split_stage_kernel, {"residual_ptr": "*u8", "stage_ptr": "*u8"}, R=4, SHIFT=2, BITS=2, BLOCK=256)
+compile(k._merge_stages_kernel, {"first_ptr": "*u8", "second_ptr": "*u8", "residual_ptr": "*u8"},
+        R=4, FIRST=2, SECOND=0, FILL=2, BLOCK=256)
 """
 
 

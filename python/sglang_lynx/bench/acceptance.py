@@ -1,6 +1,7 @@
 """How many speculated tokens a model would keep: greedy decoding on Anchor-only KV against INT8 KV.
 
     python -m sglang_lynx.bench acceptance --anchor-bits 4,5,6 --input-len 256 --output-len 32
+    python -m sglang_lynx.bench acceptance --anchor-bits 4 --stages 4,2,2 5,2,1   # progressive plans
 
 No servers: the model runs in-process (Hugging Face transformers, CPU). For each prompt (windows of a
 Gutenberg text) its KV cache is encoded with the Lynx codec; the model then decodes greedily twice
@@ -9,6 +10,12 @@ Anchor-only KV (what ``lynx`` speculates on). The number of leading tokens on wh
 what verification would keep of a speculation of that length: acceptance is its mean over the
 speculated tokens. ``--split`` also anchors only the keys, or only the values, at the first anchor
 width, to tell which the model is sensitive to.
+
+``--stages`` predicts progressive plans (bits per stage, 8 in all: ``4,2,2`` sends the Anchor's 4 bits,
+then 2, then the last 2). Decode re-drafts when a middle stage lands: it keeps its drafts up to the
+first token the KV at those bits disagrees with, takes that KV's token there and drafts on. Greedy
+drafts are then the greedy tokens on the middle stage's KV (its codes with the missing low bits at
+the middle of their range), which is what the final verification on INT8 KV compares.
 
 Why a speculation ends is measured too, token by token: one teacher-forced pass over INT8's greedy
 tokens, on each KV, gives at every position INT8's top-2 logit gap and how far the Anchor moves it
@@ -27,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from sglang_lynx.bench import write_json
-from sglang_lynx.codec import Codec
+from sglang_lynx.codec import ANCHOR_BITS, Codec
 from sglang_lynx.data import gutenberg_text
 from sglang_lynx.models import add_model_argument, resolve
 
@@ -37,6 +44,8 @@ def add_parser(subparsers) -> None:
                               description=__doc__.split("\n")[0])
     p.add_argument("--anchor-bits", default="4,5,6", help="comma-separated Anchor widths to compare")
     p.add_argument("--split", action="store_true", help="also anchor only K, and only V (first width)")
+    p.add_argument("--stages", nargs="*", default=[], type=plan, metavar="A,B[,C]",
+                   help="progressive plans to predict, e.g. 4,4 4,2,2: drafts on the KV of all but the last stage")
     p.add_argument("--group-size", type=int, default=64, help="tokens per quantization group (--lynx-group-size)")
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens")
     p.add_argument("--output-len", type=int, default=32, help="tokens decoded (the first is exact)")
@@ -47,12 +56,25 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def variants(widths: list[int], split: bool) -> dict[str, tuple[int, bool, bool]]:
-    """name -> (anchor bits, anchor K, anchor V)."""
-    out = {f"A={a}": (a, True, True) for a in widths}
+def plan(text: str) -> tuple[int, ...]:
+    """A progressive plan: bits per stage, 8 in all, the Anchor's first (2 to 6 of them)."""
+    try:
+        bits = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a plan is bits per stage, e.g. 4,2,2; got {text!r}") from None
+    if not 2 <= len(bits) <= 3 or sum(bits) != 8 or min(bits) < 1 or bits[0] not in ANCHOR_BITS:
+        raise argparse.ArgumentTypeError(f"a plan has 2 or 3 stages of at least one bit, 8 in all, the first "
+                                         f"of 2 to 6; got {text!r}")
+    return bits
+
+
+def variants(widths: list[int], split: bool, plans: list[tuple[int, ...]] = ()) -> dict[str, tuple]:
+    """name -> (anchor bits, anchor K, anchor V, the Residual's stages: their bits, of which the first landed)."""
+    out = {f"A={a}": (a, True, True, ()) for a in widths}
     if split:
-        out[f"A={widths[0]}, K only"] = (widths[0], True, False)
-        out[f"A={widths[0]}, V only"] = (widths[0], False, True)
+        out[f"A={widths[0]}, K only"] = (widths[0], True, False, ())
+        out[f"A={widths[0]}, V only"] = (widths[0], False, True, ())
+    out.update((f"stages {','.join(map(str, p))}", (p[0], True, True, p[1:] if len(p) > 2 else ())) for p in plans)
     return out
 
 
@@ -66,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     ids = tokenizer(gutenberg_text(args.text)).input_ids
     stride = (len(ids) - args.input_len) // args.num_prompts
     prompts = [ids[i * stride: i * stride + args.input_len] for i in range(args.num_prompts)]
-    cases = variants(widths, args.split)
+    cases = variants(widths, args.split, args.stages)
     kept = {name: [] for name in cases}
     shifts = {name: [] for name in cases}  # per position: how far the Anchor moves INT8's top-2 gap
     flips = {name: [] for name in cases}
@@ -79,11 +101,16 @@ def run(args: argparse.Namespace) -> dict:
             kv = kv.transpose(2, 3).contiguous()  # [2, L, T, H, D]
             first = int(out.logits[0, -1].argmax())
             reference = exact_logits = None
-            for name, (bits, anchor_k, anchor_v) in cases.items():
+            for name, (bits, anchor_k, anchor_v, stages) in cases.items():
                 codec = Codec(kv.shape[1], kv.shape[3], kv.shape[4], anchor_bits=bits, group_size=args.group_size)
+                T = kv.shape[2]
                 planes = codec.encode(kv)
-                exact = codec.decode_merged(planes.anchor, planes.residual, planes.meta, kv.shape[2])
-                anchor = codec.decode_anchor(planes.anchor, planes.meta, kv.shape[2])
+                exact = codec.decode_merged(planes.anchor, planes.residual, planes.meta, T)
+                if stages:  # the KV decode drafts on once the middle stage has landed
+                    middle = codec.merge_residual(codec.split_residual(planes.residual, T, stages)[:1], T, stages)
+                    anchor = codec.decode_merged(planes.anchor, middle, planes.meta, T)
+                else:
+                    anchor = codec.decode_anchor(planes.anchor, planes.meta, T)
                 anchor = torch.stack([anchor[0] if anchor_k else exact[0], anchor[1] if anchor_v else exact[1]])
                 if reference is None:  # INT8 codes do not depend on the Anchor width
                     reference = greedy(model, exact, first, args.output_len)

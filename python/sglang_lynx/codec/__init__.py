@@ -141,6 +141,25 @@ class Codec:
         return lynx_kernels.merge_dequant(anchor, residual, group_meta, num_tokens, self._dtype(dtype),
                                           backend=self.backend)
 
+    def split_residual(self, residual: torch.Tensor, num_tokens: int, stage_bits) -> list[torch.Tensor]:
+        """The Residual as the later stages of a progressive plan: ``stage_bits`` (summing to 8 - A) bits
+        of every code each, high bits first; each stage a buffer laid out block by block as the Residual."""
+        self._check_stages(stage_bits)
+        planes = lynx_kernels.split_stages(self._blocks(residual, "residual", num_tokens, self.residual_bits),
+                                           stage_bits, backend=self.backend)
+        return [p.view(-1) for p in planes]
+
+    def merge_residual(self, stages: list[torch.Tensor], num_tokens: int, stage_bits) -> torch.Tensor:
+        """The Residual from the stages landed so far (a prefix of ``stage_bits``): exactly the Residual
+        once all have; until then every code's missing low bits stand at the middle of their range, so that
+        decode_merged gives the reconstruction at the bits landed."""
+        self._check_stages(stage_bits)
+        if not 1 <= len(stages) <= len(stage_bits):
+            raise ValueError(f"{len(stages)} stages landed of a Residual in {len(stage_bits)}")
+        nb = self.num_blocks(num_tokens)
+        planes = [stage.view(nb, 2, self.num_layers, bits, -1) for stage, bits in zip(stages, stage_bits)]
+        return lynx_kernels.merge_stages(planes, stage_bits, backend=self.backend).view(-1)
+
     def decode_pages(self, anchor: torch.Tensor, residual: torch.Tensor | None, meta: torch.Tensor, num_tokens: int,
                      page_tokens: int, dtype: torch.dtype = torch.float32, out: lynx_kernels.Slots | None = None):
         """Pages encoded one by one (``encode`` on each run of ``page_tokens`` tokens, all full but the
@@ -196,6 +215,11 @@ class Codec:
             raise ValueError("kv has no tokens (T = 0)")
         if kv.dtype not in FLOAT_DTYPES:
             raise ValueError(f"kv must be float32, bfloat16 or float16; got {kv.dtype}")
+
+    def _check_stages(self, stage_bits) -> None:
+        if sum(stage_bits) != self.residual_bits or min(stage_bits) < 1:
+            raise ValueError(f"the Residual's stages must each carry at least one bit, {self.residual_bits} in "
+                             f"all (8 - anchor_bits); got {list(stage_bits)}")
 
     def _dtype(self, dtype: torch.dtype) -> torch.dtype:
         if dtype not in FLOAT_DTYPES:
