@@ -79,14 +79,13 @@ def test_acceptance_benchmark_reports_kept_tokens_and_flip_rates(smollm2_path, t
     from sglang_lynx.bench.__main__ import main
 
     out = tmp_path / "acceptance.json"
-    main(["acceptance", "--anchor-bits", "6,3", "--stages", "3,3,2", "--input-len", "64", "--output-len", "8",
+    main(["acceptance", "--anchor-bits", "3", "--stages", "3,3,2", "--input-len", "64", "--output-len", "8",
           "--num-prompts", "1", "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["int8_gap_median"] > 0
     for r in report["variants"].values():
         assert all(0 <= k <= 7 for k in r["kept"]) and 0 <= r["accept_rate"] <= 1
         assert 0 <= r["flip_rate"] <= 1
-    wide, narrow = report["variants"]["A=6"], report["variants"]["A=3"]
-    assert narrow["margin_shift_median"] > 2 * wide["margin_shift_median"] > 0  # each bit about halves it
-    # A 3,3,2 plan drafts on 6 of its bits once the middle stage has landed: far closer than its Anchor.
-    assert report["variants"]["stages 3,3,2"]["margin_shift_median"] < narrow["margin_shift_median"] / 2
+    # A 3,3,2 plan drafts on 6 bits once its middle stage has landed: each bit about halves the shift.
+    wide, narrow = report["variants"]["stages 3,3,2"], report["variants"]["A=3"]
+    assert narrow["margin_shift_median"] > 2 * wide["margin_shift_median"] > 0
