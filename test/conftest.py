@@ -1,3 +1,4 @@
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -33,6 +34,18 @@ PROMPTS = {
 @pytest.fixture(scope="session")
 def model_path() -> str:
     return str(smollm2())
+
+
+def ask_together(url: str, prompts: list, max_tokens: int) -> list:
+    """Every prompt at once, greedy and past EOS (chat prompts streamed): the completions, in order."""
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: complete(url, p, max_tokens=max_tokens, ignore_eos=True,
+                                                stream=isinstance(p, list)), prompts))
+
+
+def decode_records(timings) -> dict[str, dict]:
+    """The decode worker's timing records (``--lynx-timings-file``), by request id."""
+    return {r.get("rid"): r for r in map(json.loads, timings.read_text().splitlines()) if r["role"] == "decode"}
 
 
 def single_server_answers(model_path: str, log_dir) -> dict[str, str]:

@@ -6,14 +6,12 @@ Run with ``make test-qwen`` (``pytest -m qwen``): the model is 7.1 GB in float32
 its own copy.
 """
 
-import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
 
-from sglang_lynx.client import complete
+from conftest import ask_together, decode_records
 from sglang_lynx.cluster import ClusterSpec, PDCluster, settled
 from sglang_lynx.config import LynxConfig
 from sglang_lynx.models import materialise
@@ -67,17 +65,14 @@ def test_the_cpu_default_sizes_a_pool_for_each_worker_and_says_so(cluster):
 
 def test_greedy_lynx_equals_int8_while_every_request_speculates(cluster):
     mode, pd, timings = cluster
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        got = list(pool.map(lambda p: complete(pd.spec.router_url, p, max_tokens=MAX_TOKENS, ignore_eos=True,
-                                               stream=isinstance(p, list)), PROMPTS))
+    got = ask_together(pd.spec.router_url, PROMPTS, MAX_TOKENS)
     answers[mode] = [c.text for c in got]
     assert all(c.finish_reason == "length" and c.text.strip() for c in got)
     if mode == "int8":
         assert "def quicksort" in answers[mode][0] or "if len(items)" in answers[mode][0]
         return
     assert answers["lynx"] == answers["int8"]
-    decode = {r.get("rid"): r for r in map(json.loads, timings.read_text().splitlines()) if r["role"] == "decode"}
-    speculated = [decode[c.id]["speculated"] for c in got]
+    speculated = [decode_records(timings)[c.id]["speculated"] for c in got]
     assert min(speculated) >= 2, f"every request speculates before its Residual lands; got {speculated}"
 
 

@@ -7,16 +7,13 @@ Run with ``make test-tp`` (``pytest -m tp``): four schedulers on this machine's 
 start than the whole of ``make test`` can spare.
 """
 
-import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
 import requests
 
-from conftest import GROUP, POOL_ARGS, PROMPTS
-from sglang_lynx.client import complete
+from conftest import GROUP, POOL_ARGS, PROMPTS, ask_together, decode_records
 from sglang_lynx.cluster import ClusterSpec, PDCluster, settled
 from sglang_lynx.config import LynxConfig
 
@@ -52,18 +49,14 @@ def test_each_worker_runs_a_scheduler_per_rank(cluster):
 
 def test_greedy_lynx_equals_int8_while_the_requests_speculate(cluster):
     mode, pd, timings = cluster
-    prompts = list(PROMPTS.values())
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        got = list(pool.map(lambda p: complete(pd.spec.router_url, p, max_tokens=MAX_TOKENS, ignore_eos=True,
-                                               stream=isinstance(p, list)), prompts))
+    got = ask_together(pd.spec.router_url, list(PROMPTS.values()), MAX_TOKENS)
     answers[mode] = [c.text for c in got]
     assert all(c.finish_reason == "length" and c.text.strip() for c in got)
     if mode == "int8":
         assert "Paris" in answers[mode][0]
         return
     assert answers["lynx"] == answers["int8"]
-    decode = {r.get("rid"): r for r in map(json.loads, timings.read_text().splitlines()) if r["role"] == "decode"}
-    speculated = [decode[c.id]["speculated"] for c in got]  # a short prompt's Residual lands within a few steps
+    speculated = [decode_records(timings)[c.id]["speculated"] for c in got]  # short prompts: a few steps
     assert sum(speculated) >= len(got) * (MAX_TOKENS - 1) // 2, f"too little speculation to test: {speculated}"
 
 
