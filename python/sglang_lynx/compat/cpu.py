@@ -217,8 +217,13 @@ def cores_per_rank(cores: list[int], ranks: int) -> str:
     (``0-7|8-15``)."""
     share = max(1, len(cores) // ranks)
     groups = [cores[(i * share) % len(cores):][:share] for i in range(ranks)]
-    span = lambda g: f"{g[0]}-{g[-1]}" if g[-1] - g[0] == len(g) - 1 > 0 else ",".join(map(str, g))
-    return "|".join(span(group) for group in groups)
+    return "|".join(_cpu_list(group) for group in groups)
+
+
+def _cpu_list(cores: list[int]) -> str:
+    """``0-7`` for a run of consecutive cores, else ``0,2``."""
+    consecutive = len(cores) > 1 and cores[-1] - cores[0] == len(cores) - 1
+    return f"{cores[0]}-{cores[-1]}" if consecutive else ",".join(map(str, cores))
 
 
 def _as_if_spawned() -> None:

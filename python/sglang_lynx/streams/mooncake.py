@@ -555,13 +555,16 @@ class LynxKVManager(MooncakeKVManager):
 
     def first_token_came(self, room) -> Optional[float]:
         """When the first token of ``room`` came, once it has (its aux row then holds it); else None."""
-        with self._arrivals_lock:
-            return self.first_tokens.get(room)
+        return self._arrival(self.first_tokens, room)
 
     def take_first_token(self, room) -> Optional[float]:
         """:meth:`first_token_came`, once: the token is being committed."""
+        return self._arrival(self.first_tokens, room, take=True)
+
+    def _arrival(self, arrivals: dict, room, take: bool = False):
+        """What the receiving thread recorded in ``arrivals`` for ``room`` (None: nothing yet)."""
         with self._arrivals_lock:
-            return self.first_tokens.pop(room, None)
+            return arrivals.pop(room, None) if take else arrivals.get(room)
 
     def _on_residual_message(self, msg) -> None:
         room, ok, reason = int(msg[1]), msg[2] == b"1", msg[3].decode()
@@ -594,13 +597,11 @@ class LynxKVManager(MooncakeKVManager):
 
     def residual_arrival(self, room) -> Optional[ResidualArrival]:
         """The Residual of ``room`` once it has landed (or failed); else None."""
-        with self._arrivals_lock:
-            return self.residual_arrivals.get(room)
+        return self._arrival(self.residual_arrivals, room)
 
     def take_residual_arrival(self, room) -> Optional[ResidualArrival]:
         """:meth:`residual_arrival`, once: the request is done waiting for it."""
-        with self._arrivals_lock:
-            return self.residual_arrivals.pop(room, None)
+        return self._arrival(self.residual_arrivals, room, take=True)
 
     def wait_for_residual(self, timeout: float) -> None:
         """Sleep until a Residual (or a first token) lands or ``timeout`` passes (an idle scheduler
