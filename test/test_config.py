@@ -29,6 +29,33 @@ def test_every_option_parses():
     assert config.enabled and config.residual_bits == 3
 
 
+def test_stages_give_the_anchor_then_the_residual_in_one_or_two_stages():
+    assert parse("--lynx-stages", "4,2,2") == LynxConfig(anchor_bits=4, residual_stages=(2, 2))
+    assert parse("--lynx-stages", "5,3") == parse("--lynx-anchor-bits", "5") == LynxConfig(anchor_bits=5)
+    assert parse("--lynx-stages", "4,2,2", "--lynx-anchor-bits", "4").stages == "4,2,2"
+    assert LynxConfig().stages == "4,4" and LynxConfig().residual_plan == (4,)
+    assert LynxConfig(anchor_bits=5, residual_stages=[2, 1]).residual_plan == (2, 1)  # as read from JSON
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lynx-stages", "4,2,1"], "--lynx-stages must give the bits of each stage, .* add up to 8 .* got 4,2,1"),
+    (["--lynx-stages", "4,2,1,1"], "in at most 3 stages"),
+    (["--lynx-stages", "4,4,0"], "stages of at least one bit"),
+    (["--lynx-stages", "8"], "--lynx-stages needs the Anchor and at least one more stage"),
+    (["--lynx-stages", "7,1"], "--lynx-anchor-bits must be between 2 and 6"),
+    (["--lynx-stages", "4,2,2", "--lynx-anchor-bits", "5"], "--lynx-anchor-bits 5 contradicts --lynx-stages 4,2,2"),
+])
+def test_stage_plans_that_cannot_work_are_rejected_naming_the_flag(argv, message):
+    with pytest.raises(LynxConfigError, match=message):
+        parse(*argv)
+
+
+def test_stages_that_are_not_numbers_are_the_parser_s_to_refuse(capsys):
+    with pytest.raises(SystemExit):
+        parse("--lynx-stages", "4,two,2")
+    assert "expected comma-separated bits per stage" in capsys.readouterr().err
+
+
 def test_lynx_alone_is_short_for_lynx_mode_lynx():
     assert parse("--lynx") == parse("--lynx-mode", "lynx") == LynxConfig(mode="lynx")
 
@@ -65,7 +92,7 @@ def test_a_launcher_command_line_gives_its_lynx_flags_among_sglang_s_and_default
 
 
 def test_round_trips_through_the_environment(monkeypatch):
-    config = LynxConfig("int4", 3, 128, 8, 1000.0)
+    config = LynxConfig("int4", 3, 128, 8, 1000.0, residual_stages=(3, 2))
     env = {}
     config.to_env(env)
     monkeypatch.setenv(ENV_VAR, env[ENV_VAR])

@@ -248,7 +248,7 @@ def verify(monkeypatch, speculator, exact_rows, free_pages=100, page_size=4):
     from sglang_lynx.speculation import speculator as module
 
     passes = []
-    monkeypatch.setattr(module, "exact_logits", lambda scheduler, reqs: passes.append(reqs) or [exact_rows])
+    monkeypatch.setattr(module, "output_logits", lambda scheduler, reqs: passes.append(reqs) or [exact_rows])
     monkeypatch.setattr(module, "truncate_kv", lambda *args: None)
     monkeypatch.setattr(module, "release_kv_cache", lambda *args, **kwargs: None)
     allocator = SimpleNamespace(page_size=page_size, available_size=lambda: free_pages * page_size)

@@ -118,18 +118,18 @@ def test_pages_land_in_the_decode_pool_at_their_new_places_through_any_rows(mode
     src_rows, dst_rows = [4, 0, 2], [1, 5, 3]
     prefill.encode(src_pages, src_rows, n, room=77)
     send(prefill, decode, src_rows, dst_rows, residual=False)
-    decode.land(dst_pages, dst_rows, n, room=77, merged=mode == "int8")
+    decode.land(dst_pages, dst_rows, n, room=77, streams=decode.num_streams if mode == "int8" else 1)
 
     kv = pool_kv(prefill_pool, src_pages, n)
     err = ((pool_kv(decode_pool, dst_pages, n) - kv).norm() / kv.norm()).item()
     assert err < (0.01 if mode == "int8" else 0.12)
     if mode == "lynx":  # the Residual refines the same pages to exact INT8
         send(prefill, decode, src_rows, dst_rows, residual=True)
-        decode.land(dst_pages, dst_rows, n, room=77, merged=True)
+        decode.land(dst_pages, dst_rows, n, room=77, streams=decode.num_streams)
         whole_pool = fake_pool(seed=3, heads=heads, dim=dim)
         whole = staging(config, whole_pool)  # every byte at once: plain INT8
         whole.buffer.copy_(prefill.buffer)
-        whole.land(src_pages, src_rows, n, room=77, merged=True)
+        whole.land(src_pages, src_rows, n, room=77, streams=whole.num_streams)
         exact = pool_kv(decode_pool, dst_pages, n)
         assert torch.equal(exact, pool_kv(whole_pool, src_pages, n))
         assert ((exact - kv).norm() / kv.norm()).item() < err
@@ -141,7 +141,7 @@ def test_a_page_of_several_codec_blocks_lands_partly_filled():
     prefill, decode = staging(config, prefill_pool), staging(config, decode_pool)
     prefill.encode([2, 3], [0, 1], 64 + 20, room=9)  # the second page holds 20 tokens: one block
     send(prefill, decode, [0, 1], [3, 2], residual=True)
-    decode.land([4, 1], [3, 2], 64 + 20, room=9, merged=True)
+    decode.land([4, 1], [3, 2], 64 + 20, room=9, streams=decode.num_streams)
     kv = pool_kv(prefill_pool, [2, 3], 84)
     assert ((pool_kv(decode_pool, [4, 1], 84) - kv).norm() / kv.norm()).item() < 0.01
 
@@ -163,7 +163,78 @@ def test_each_row_is_its_page_encoded_on_its_own_after_a_header_with_the_checksu
             planes.meta.numpy().tobytes(), planes.anchor.numpy().tobytes(), planes.residual.numpy().tobytes()]
         first_sum = xxhash.xxh3_64(meta.tobytes() + anchor.tobytes()).intdigest() & 0xFFFFFFFF
         residual_sum = xxhash.xxh3_64(residual.tobytes()).intdigest() & 0xFFFFFFFF
-        assert HEADER.unpack(row[: HEADER.size].tobytes()) == (b"LYNX", 3, 4, 4, 1, 64, m, first_sum, 21, residual_sum)
+        assert HEADER.unpack(row[: HEADER.size].tobytes()) == (b"LYNX", 3, 4, 4, 1, 64, m, first_sum, 21, residual_sum,
+                                                               0)
+
+
+@pytest.mark.parametrize("plan", [(4, 2, 2), (5, 2, 1), (3, 1, 4)], ids=lambda p: ",".join(map(str, p)))
+def test_a_residual_in_two_stages_lands_at_the_bits_landed_then_whole_as_int8(plan):
+    """Each stage is one run of bytes of every row; the pages land Anchor-only, then at the bits of the
+    Anchor and the middle stage, then as exact INT8: each time exactly what the codec decodes alone."""
+    config = LynxConfig(mode="lynx", anchor_bits=plan[0], residual_stages=plan[1:])
+    prefill_pool, decode_pool = fake_pool(seed=1), fake_pool(seed=2)
+    prefill, decode = staging(config, prefill_pool), staging(config, decode_pool)
+    two_stages = staging(LynxConfig(mode="lynx", anchor_bits=plan[0]), prefill_pool)
+    assert decode.num_streams == 3 and decode.row_nbytes == two_stages.row_nbytes
+    src_pages, dst_pages, rows, n = [1, 4, 2], [5, 0, 3], [0, 1, 2], 150  # the last page partly filled
+    prefill.encode(src_pages, rows, n, room=7)
+    codec, kv = decode.codec, pool_kv(prefill_pool, src_pages, n)
+    errors = []
+    for streams, (start, length) in enumerate([(0, decode.first_stream_nbytes), *decode.later_streams], 1):
+        decode.buffer[rows, start: start + length] = prefill.buffer[rows, start: start + length]
+        decode.land(dst_pages, rows, n, room=7, streams=streams)
+        for i, (src, dst) in enumerate(zip(src_pages, dst_pages)):
+            m = min(64, n - i * 64)
+            planes = codec.encode(pool_kv(prefill_pool, [src], m))
+            stages = codec.split_residual(planes.residual, m, plan[1:])[: streams - 1]
+            alone = (codec.decode_anchor(planes.anchor, planes.meta, m) if streams == 1 else codec.decode_merged(
+                planes.anchor, codec.merge_residual(stages, m, plan[1:]), planes.meta, m))
+            assert torch.equal(pool_kv(decode_pool, [dst], m), alone)
+        landed = pool_kv(decode_pool, dst_pages, n)
+        errors.append(((landed - kv).norm() / kv.norm()).item())
+    assert errors[0] > errors[1] > errors[2]
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_damaged_residual_stage_fails_the_landing_of_the_last_stage(stage):
+    """The middle stage's KV only guides speculation: its bytes are checked, with the last stage's, before
+    anything decoded on them is verified."""
+    config = LynxConfig(mode="lynx", residual_stages=(2, 2))
+    prefill, decode = staging(config, fake_pool(seed=1)), staging(config, fake_pool(seed=2))
+    prefill.encode([1, 2], [0, 1], 100, room=3)
+    send(prefill, decode, [0, 1], [2, 3], residual=True)
+    decode.buffer[3, decode.later_streams[stage][0] + 5] ^= 0x04
+    decode.land([4, 5], [2, 3], 100, room=3, streams=1)
+    decode.land([4, 5], [2, 3], 100, room=3, streams=2)
+    with pytest.raises(LynxTransferError, match="the Residual of row 3 fails its checksum"):
+        decode.land([4, 5], [2, 3], 100, room=3, streams=3)
+
+
+def test_every_request_s_middle_stage_is_sent_before_any_request_s_last_and_decode_hears_of_each():
+    from sglang_lynx.streams.mooncake import MIDDLE_MESSAGE, RESIDUAL_MESSAGE, LynxKVManager, _ResidualPlan
+    from sglang_lynx.streams.timings import Timings
+
+    manager = LynxKVManager.__new__(LynxKVManager)  # the prefill side's sending, without SGLang's engine
+    manager.lynx = LynxConfig(mode="lynx", residual_stages=(2, 2))
+    manager.rows = staging(manager.lynx, fake_pool())
+    manager.pacer, manager.streams, manager.timings = Pacer(None), StreamScheduler(), Timings(None, "prefill")
+    manager.peers, manager.request_status, manager.residual_plans = {"decode": {"rows_ptr": 0}}, {}, {}
+    sent, told = [], []
+    manager._transfer_data = lambda session, blocks: sent.append(blocks[0][1] % manager.rows.row_nbytes) or 0
+    manager._send_multipart_locked = lambda address, frames, is_ipv6: told.append((frames[0], int(frames[1])))
+    gate = threading.Event()
+    manager.streams.submit(ANCHOR, gate.wait)  # both requests' stages queue up behind it
+    for room in (1, 2):
+        manager.residual_plans[room] = _ResidualPlan([("decode", [room], [room], "127.0.0.1", 9)])
+        manager._schedule_residual(room)
+    gate.set()
+    deadline = time.monotonic() + 5
+    while len(told) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    manager.streams.close()
+    assert told == [(MIDDLE_MESSAGE, 1), (MIDDLE_MESSAGE, 2), (RESIDUAL_MESSAGE, 1), (RESIDUAL_MESSAGE, 2)]
+    (middle_at, _), (last_at, _) = manager.rows.later_streams
+    assert sent == [middle_at, middle_at, last_at, last_at]
 
 
 class Operations(TorchDispatchMode):
@@ -201,11 +272,11 @@ def test_a_long_prompt_is_encoded_and_landed_one_chunk_at_a_time():
     send(prefill, decode, rows, rows, residual=True)
     for merged in (False, True):
         with Operations(*decode_pool.k_buffer, *decode_pool.v_buffer, decode.buffer) as ops:
-            decode.land(dst_pages, rows, num_tokens, room=8, merged=merged)
+            decode.land(dst_pages, rows, num_tokens, room=8, streams=decode.num_streams if merged else 1)
         assert 0 < ops.largest <= chunk_kv
         for row, page in zip(rows, dst_pages):
             m = min(64, num_tokens - row * 64)
-            meta, anchor, residual = decode._planes(decode.buffer[row], m)
+            meta, anchor, (residual,) = decode._planes(decode.buffer[row], m)
             alone = (decode.codec.decode_merged(anchor, residual, meta, m) if merged else
                      decode.codec.decode_anchor(anchor, meta, m))
             assert torch.equal(pool_kv(decode_pool, [page], m), alone)
@@ -233,7 +304,7 @@ def test_landing_a_chunk_of_pages_runs_the_same_operations_as_landing_one_page(m
         prefill.encode(list(range(pages)), list(range(pages)), pages * 64, room=4)
         send(prefill, decode, range(pages), range(pages), residual=True)
         with Operations() as ops:
-            decode.land(list(range(pages)), list(range(pages)), pages * 64, room=4, merged=merged)
+            decode.land(list(range(pages)), list(range(pages)), pages * 64, room=4, streams=decode.num_streams if merged else 1)
         counts.append(ops.count)
     assert counts[0] == counts[1]
     assert decoded == [64, CHUNK_TOKENS]
@@ -250,7 +321,7 @@ def test_bytes_the_codec_cannot_decode_fail_their_request_not_the_worker(monkeyp
 
     monkeypatch.setattr(lynx_kernels, "merge_dequant", rejects)
     with pytest.raises(LynxTransferError, match="cannot be decoded: meta of 100 tokens must hold 1234 bytes"):
-        decode.land([2, 3], [0, 1], 100, room=2, merged=True)
+        decode.land([2, 3], [0, 1], 100, room=2, streams=decode.num_streams)
 
 
 def test_the_landing_benchmark_times_landing_and_its_extra_memory_beside_the_codec_alone(tmp_path):
@@ -278,7 +349,8 @@ def test_only_the_first_stream_travels_first_and_int4_never_sends_a_residual():
     pool = fake_pool()
     lynx, int8, int4 = (staging(LynxConfig(mode=m), pool) for m in ("lynx", "int8", "int4"))
     assert lynx.first_stream_nbytes == int4.first_stream_nbytes < int8.first_stream_nbytes == int8.row_nbytes
-    assert lynx.residual_nbytes > 0 and int4.residual_nbytes == int8.residual_nbytes == 0
+    assert lynx.later_streams == [(lynx.residual_at, lynx.row_nbytes - lynx.residual_at)]
+    assert int4.later_streams == int8.later_streams == []
     raw = staging(LynxConfig(mode="raw"), pool)
     assert raw.row_nbytes == raw.first_stream_nbytes == 32  # raw rows carry only the header
 
@@ -287,16 +359,16 @@ def test_decode_refuses_stale_rows_and_rows_of_other_settings():
     prefill = staging(LynxConfig(mode="lynx", anchor_bits=3), fake_pool())
     decode = staging(LynxConfig(mode="lynx"), fake_pool())
     with pytest.raises(LynxTransferError, match="is the prefill worker running with --lynx-mode lynx"):
-        decode.land([0], [0], 64, room=5, merged=False)
+        decode.land([0], [0], 64, room=5, streams=1)
     prefill.encode([0], [0], 64, room=5)
     decode.buffer[0, :32] = prefill.buffer[0, :32]
-    with pytest.raises(LynxTransferError, match="prefill sent mode=lynx anchor_bits=3 .* decode expects mode=lynx anchor_bits=4"):
-        decode.land([0], [0], 64, room=5, merged=False)
+    with pytest.raises(LynxTransferError, match="prefill sent mode=lynx stages=3,5 .* decode expects mode=lynx stages=4,4"):
+        decode.land([0], [0], 64, room=5, streams=1)
     with pytest.raises(LynxTransferError, match="no Lynx data arrived"):
-        decode.land([0], [0], 64, room=6, merged=False)  # another request's bytes
+        decode.land([0], [0], 64, room=6, streams=1)  # another request's bytes
     decode.free([0])
     with pytest.raises(LynxTransferError, match="no Lynx data arrived"):
-        decode.land([0], [0], 64, room=5, merged=False)
+        decode.land([0], [0], 64, room=5, streams=1)
 
 
 @pytest.mark.parametrize("mode, stream", [("int8", "Anchor"), ("int8", "Residual"), ("lynx", "Anchor"),
@@ -310,9 +382,9 @@ def test_a_byte_damaged_on_the_way_fails_the_landing_of_its_stream(mode, stream)
     decode.buffer[3, damaged] ^= 0x10  # one bit of the second (partly filled) page
     lands_first = mode == "lynx" and stream == "Residual"  # the Anchor alone is intact
     if lands_first:
-        decode.land([4, 5], [2, 3], 100, room=3, merged=False)
+        decode.land([4, 5], [2, 3], 100, room=3, streams=1)
     with pytest.raises(LynxTransferError, match=f"the {stream} of row 3 fails its checksum"):
-        decode.land([4, 5], [2, 3], 100, room=3, merged=lands_first or mode == "int8")
+        decode.land([4, 5], [2, 3], 100, room=3, streams=decode.num_streams if lands_first or mode == "int8" else 1)
 
 
 def test_checksums_are_checked_only_where_both_workers_want_them():
@@ -329,7 +401,7 @@ def _land_damaged(prefill_config, decode_config):
     prefill.encode([0], [0], 64, room=1)
     send(prefill, decode, [0], [0], residual=True)
     decode.buffer[0, decode.anchor_at] ^= 1
-    decode.land([0], [0], 64, room=1, merged=True)
+    decode.land([0], [0], 64, room=1, streams=decode.num_streams)
 
 
 def test_rows_are_handed_out_per_request_and_come_back():
@@ -412,8 +484,8 @@ def test_a_prefill_page_shared_by_two_requests_reaches_each_with_its_own_header(
     prefill.encode([1, 3], [2, 3], 100, room=12)  # request B: shared page 1, own page 3
     send(prefill, decode_a, [0, 1], [4, 5], residual=False)
     send(prefill, decode_b, [2, 3], [4, 5], residual=False)
-    decode_a.land([4, 5], [4, 5], 128, room=11, merged=False)
-    decode_b.land([4, 5], [4, 5], 100, room=12, merged=False)
+    decode_a.land([4, 5], [4, 5], 128, room=11, streams=1)
+    decode_b.land([4, 5], [4, 5], 100, room=12, streams=1)
 
 
 class FakeDecodeManager:
@@ -460,6 +532,7 @@ def decode_manager(num_rows=4, waiting_timeout=60):
     manager.staged, manager.waiting_since, manager.staging_waits = {}, {}, {}
     manager.residual_arrivals, manager.abandoned, manager.residual_sources = {}, {}, {}
     manager._arrivals_lock, manager.arrived, manager.first_tokens = threading.Lock(), threading.Event(), {}
+    manager.middle_arrivals = {}
     # what SGLang's heartbeat bookkeeping needs
     manager.connection_lock, manager.connection_pool, manager.prefill_info_table = threading.Lock(), {}, {}
     manager.heartbeat_failures, manager.addr_to_rooms_tracker, manager.request_status = {}, {}, {}
@@ -537,20 +610,22 @@ def test_a_first_token_goes_from_prefill_s_aux_row_to_decode_s_and_wakes_its_sch
     assert not decode_aux[0].any() and not decode.arrived.is_set() and decode.take_first_token(5) is None
 
 
-def test_workers_that_differ_on_the_first_token_or_the_tensor_parallel_size_are_told_which_flag_differs():
+def test_workers_that_differ_on_the_first_token_the_stages_or_the_tensor_parallel_size_are_told_which_flag_differs():
     from sglang_lynx.streams.mooncake import LynxKVManager
     from sglang_lynx.streams.rows import VERSION
 
     prefill = types.SimpleNamespace(lynx=LynxConfig(mode="lynx"), rows=types.SimpleNamespace(row_nbytes=64),
                                     attn_tp_size=2)
-    decode = {"mode": "lynx", "anchor_bits": 4, "group_size": 64, "first_token_at_prefill": False,
+    decode = {"mode": "lynx", "stages": "4,4", "group_size": 64, "first_token_at_prefill": False,
               "tp_size": 2, "row_version": VERSION, "row_nbytes": 64}
     reason = LynxKVManager._lynx_mismatch(prefill, decode)
-    assert reason.startswith("Lynx settings differ: prefill runs --lynx-mode lynx --lynx-anchor-bits 4 "
+    assert reason.startswith("Lynx settings differ: prefill runs --lynx-mode lynx --lynx-stages 4,4 "
                              "--lynx-group-size 64 --lynx-first-token-at-prefill, decode runs --lynx-mode lynx "
-                             "--lynx-anchor-bits 4 --lynx-group-size 64 --no-lynx-first-token-at-prefill;")
+                             "--lynx-stages 4,4 --lynx-group-size 64 --no-lynx-first-token-at-prefill;")
     decode["first_token_at_prefill"] = True
     assert LynxKVManager._lynx_mismatch(prefill, decode) is None
+    assert "decode runs --lynx-mode lynx --lynx-stages 4,2,2 " in LynxKVManager._lynx_mismatch(
+        prefill, {**decode, "stages": "4,2,2"})
     assert LynxKVManager._lynx_mismatch(prefill, {**decode, "tp_size": 1}).startswith(
         "Lynx needs the same --tp-size on both workers (each rank sends its own KV heads to its peer rank): "
         "prefill runs --tp-size 2, decode --tp-size 1")

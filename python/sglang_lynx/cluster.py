@@ -221,7 +221,7 @@ def _server_cmd(model_path: str, port: int, lynx: LynxConfig, extra: list[str]) 
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", model_path, "--host", HOST, "--port", str(port),
         "--lynx-mode", lynx.mode,
-        "--lynx-anchor-bits", str(lynx.anchor_bits),
+        "--lynx-stages", lynx.stages,
         "--lynx-group-size", str(lynx.group_size),
         "--lynx-max-speculative-tokens", str(lynx.max_speculative_tokens),
     ]

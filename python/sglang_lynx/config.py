@@ -22,6 +22,7 @@ ENV_VAR = "SGLANG_LYNX_CONFIG"
 MODES = ("off", "raw", "int8", "int4", "lynx")
 QUANTIZED_MODES = ("int8", "int4", "lynx")
 ANCHOR_BITS = range(2, 7)  # 2..6; the Residual gets the other 8 - A bits
+MAX_STAGES = 3  # Anchor, middle, last: decode re-drafts once, when the middle stage lands
 # Default staging area: this share of the KV pool (rows hold only the KV in flight).
 STAGING_SHARE = 0.05
 # The only KV pool Lynx is built on (SGLang's MHATokenToKVPool, checked when a worker attaches to it).
@@ -43,6 +44,8 @@ class LynxConfig:
     verify_checksums: bool = True  # prefill writes, decode checks, a checksum of every stream of every row
     timings_file: Optional[str] = None  # per-request transfer timings, JSON lines
     first_token_at_prefill: bool = True  # prefill sends the first token ahead of the KV; decode streams it
+    # The Residual's stages, high bits first (summing to 8 - anchor_bits); () is one stage of all of them.
+    residual_stages: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -52,6 +55,13 @@ class LynxConfig:
                 f"--lynx-anchor-bits must be between {ANCHOR_BITS.start} and {ANCHOR_BITS.stop - 1} "
                 f"(the Residual carries the other 8 - A bits of each INT8 code); got {self.anchor_bits}"
             )
+        stages = tuple(self.residual_stages)
+        object.__setattr__(self, "residual_stages", () if stages == (self.residual_bits,) else stages)
+        if stages and (len(stages) > MAX_STAGES - 1 or min(stages) < 1 or sum(stages) != self.residual_bits):
+            raise LynxConfigError(
+                f"--lynx-stages must give the bits of each stage, first the Anchor's, in at most {MAX_STAGES} "
+                f"stages of at least one bit that add up to 8 (e.g. 4,4 or 4,2,2); got "
+                f"{','.join(map(str, (self.anchor_bits, *stages)))}")
         if self.group_size < 8 or self.group_size & (self.group_size - 1):
             raise LynxConfigError(
                 f"--lynx-group-size must be a power of two >= 8 (tokens sharing one scale per "
@@ -80,6 +90,16 @@ class LynxConfig:
     def residual_bits(self) -> int:
         return 8 - self.anchor_bits
 
+    @property
+    def residual_plan(self) -> tuple[int, ...]:
+        """The bits of each stage after the Anchor."""
+        return self.residual_stages or (self.residual_bits,)
+
+    @property
+    def stages(self) -> str:
+        """The whole plan as ``--lynx-stages`` spells it, e.g. ``4,2,2``."""
+        return ",".join(map(str, (self.anchor_bits, *self.residual_plan)))
+
     def staging_nbytes(self, pool_nbytes: int) -> int:
         """The staging area of a worker whose KV pool takes ``pool_nbytes``."""
         if self.staging_mb is not None:
@@ -104,8 +124,14 @@ class LynxConfig:
                                 "Residual). Prefill and decode must agree.")
         group.add_argument("--lynx", dest="lynx_mode", action="store_const", const="lynx",
                            help="Shorthand for --lynx-mode lynx.")
-        group.add_argument("--lynx-anchor-bits", type=int, default=4,
-                           help="Most significant bits of each INT8 code sent in the Anchor stream (2..6).")
+        group.add_argument("--lynx-anchor-bits", type=int, default=None,
+                           help="Most significant bits of each INT8 code sent in the Anchor stream (2..6); "
+                                "default 4. The same as --lynx-stages A,8-A.")
+        group.add_argument("--lynx-stages", type=_stage_list, default=None,
+                           help="Bits of each INT8 code per stream, Anchor first, adding up to 8: 4,4 (the default) "
+                                "sends the Anchor then the Residual; 4,2,2 sends the Residual in two stages, and "
+                                "decode re-drafts on 6-bit KV when the middle one lands. Prefill and decode must "
+                                "agree.")
         group.add_argument("--lynx-group-size", type=int, default=64,
                            help="Elements that share one quantization scale and zero point.")
         group.add_argument("--lynx-max-speculative-tokens", type=int, default=64,
@@ -131,9 +157,17 @@ class LynxConfig:
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "LynxConfig":
+        anchor_bits, stages = args.lynx_anchor_bits, args.lynx_stages
+        if stages is not None and anchor_bits not in (None, stages[0]):
+            raise LynxConfigError(f"--lynx-anchor-bits {anchor_bits} contradicts --lynx-stages "
+                                  f"{','.join(map(str, stages))}, whose first stage is the Anchor: give one of them")
+        if stages is not None and len(stages) < 2:
+            raise LynxConfigError(f"--lynx-stages needs the Anchor and at least one more stage (e.g. 4,4); "
+                                  f"got {stages[0]}")
         return cls(
             mode=args.lynx_mode,
-            anchor_bits=args.lynx_anchor_bits,
+            anchor_bits=stages[0] if stages else (4 if anchor_bits is None else anchor_bits),
+            residual_stages=tuple(stages[1:]) if stages else (),
             group_size=args.lynx_group_size,
             max_speculative_tokens=args.lynx_max_speculative_tokens,
             bandwidth_mbps=args.lynx_bandwidth_mbps,
@@ -249,6 +283,13 @@ class LynxConfig:
         if unknown:
             raise LynxConfigError(f"{ENV_VAR} has unknown fields: {', '.join(sorted(unknown))}")
         return cls(**fields)
+
+
+def _stage_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(bits) for bits in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bits per stage (e.g. 4,2,2), got {text!r}") from None
 
 
 def _positive_float(text: str) -> float:

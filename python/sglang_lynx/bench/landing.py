@@ -117,9 +117,9 @@ def measure(rows: StagingRows, num_tokens: int, repeats: int) -> dict:
     landed = pages[::-1]  # each page lands in another of the pool's pages, as on a decode worker
     calls = {
         "encode": lambda: rows.encode(pages, pages, num_tokens, room),
-        "land_anchor": lambda: rows.land(landed, pages, num_tokens, room, merged=False),
+        "land_anchor": lambda: rows.land(landed, pages, num_tokens, room, streams=1),
         "codec_anchor": lambda: rows.codec.decode_anchor(planes.anchor, planes.meta, num_tokens),
-        "land_merged": lambda: rows.land(landed, pages, num_tokens, room, merged=True),
+        "land_merged": lambda: rows.land(landed, pages, num_tokens, room, streams=rows.num_streams),
         "codec_merged": lambda: rows.codec.decode_merged(planes.anchor, planes.residual, planes.meta, num_tokens),
     }
     best = {name: (float("inf"), 0) for name in calls}

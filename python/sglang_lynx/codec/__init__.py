@@ -68,7 +68,7 @@ class Codec:
         self.anchor_bits, self.residual_bits = anchor_bits, 8 - anchor_bits
         self.group_size = group_size
         self.backend = backend  # None: Triton for CUDA tensors, the PyTorch reference otherwise
-        block_codes = 2 * num_layers * num_heads * group_size * head_dim
+        block_codes = self.block_codes = 2 * num_layers * num_heads * group_size * head_dim
         self.anchor_block_nbytes = block_codes * anchor_bits // 8
         self.residual_block_nbytes = block_codes * self.residual_bits // 8
         self.meta_block_nbytes = lynx_kernels.meta_block_nbytes(num_layers, num_heads, head_dim)
@@ -88,6 +88,10 @@ class Codec:
 
     def residual_nbytes(self, num_tokens: int) -> int:
         return self.num_blocks(num_tokens) * self.residual_block_nbytes
+
+    def stage_nbytes(self, num_tokens: int, bits: int) -> int:
+        """One stage of ``bits`` bits of every code (``split_residual``)."""
+        return self.num_blocks(num_tokens) * self.block_codes * bits // 8
 
     def meta_nbytes(self, num_tokens: int) -> int:
         return self.meta_header_nbytes + self.num_blocks(num_tokens) * self.meta_block_nbytes

@@ -24,9 +24,21 @@ class SpeculationMetrics:
             "sglang:lynx_draft_mismatches",
             "Sampled speculated tokens outside the draft distribution rebuilt from their logits.",
             names).labels(**labels)
+        self.redraft_passes = Counter("sglang:lynx_redraft_passes",
+                                      "Passes over speculated tokens when a Residual's middle stage landed.",
+                                      names).labels(**labels)
+        self.redrafted = Counter("sglang:lynx_redrafted_tokens",
+                                 "Speculated tokens dropped when the KV refined to the middle stage disagreed.",
+                                 names).labels(**labels)
 
     def verify_pass(self) -> None:
         self.verify_passes.inc()
+
+    def redraft_pass(self) -> None:
+        self.redraft_passes.inc()
+
+    def redrafted_tokens(self, dropped: int) -> None:
+        self.redrafted.inc(dropped)
 
     def verified(self, speculated: int, accepted: int, draft_mismatches: int) -> None:
         self.speculated.inc(speculated)

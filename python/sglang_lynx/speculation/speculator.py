@@ -8,7 +8,12 @@ On the decode worker a ``lynx`` request goes through:
    its first token is streamed, and a stop (EOS, stop string, ``max_tokens``) met on a speculated
    token only ends its speculation. At the cap, or at such a stop, it leaves the batch and waits,
    keeping its KV;
-3. **verified**, when its Residual lands (between two decode steps): its prompt pages are rewritten
+3. **re-drafted**, with a Residual in stages (``--lynx-stages 4,2,2``), when its middle stage lands:
+   its prompt pages are rewritten at the bits landed (6 of 8), one pass over its speculated tokens
+   gives that KV's predictions, it keeps its tokens up to the first that KV disagrees with, takes
+   that KV's token there and speculates on. Nothing is shown: this only makes the drafts likelier
+   to survive;
+4. **verified**, when its Residual lands (between two decode steps): its prompt pages are rewritten
    with INT8-exact KV, one forward pass over its tokens gives the exact model's predictions, the
    longest agreeing prefix is kept with the exact token after it, the rest is rolled back. The kept
    tokens are streamed at once and the request decodes on as an ordinary one.
@@ -35,7 +40,7 @@ from sglang.srt.mem_cache.common import release_kv_cache
 from sglang_lynx.speculation.acceptance import (SamplingParams, Verdict, greedy_verdict, sampled_verdict,
                                                 sampling_distribution)
 from sglang_lynx.speculation.metrics import SpeculationMetrics
-from sglang_lynx.speculation.verify import exact_logits, pages_to_verify, truncate_kv
+from sglang_lynx.speculation.verify import output_logits, pages_to_verify, truncate_kv
 from sglang_lynx.streams import ranks
 from sglang_lynx.streams.landing import Anchored, anchored_requests
 
@@ -58,6 +63,7 @@ class Speculation:
     stopped: bool = False  # a stop condition was met on a speculated token
     paused: bool = False  # out of the running batch, waiting for the Residual
     refined: Optional[float] = None  # when its prompt KV became INT8-exact; it waits to be verified
+    middle: Optional[float] = None  # when its prompt KV was refined to the Residual's middle stage
 
     @property
     def speculated(self) -> int:
@@ -90,7 +96,8 @@ class Speculator:
         self.records: dict[str, Speculation] = {}
         self.metrics: Optional[SpeculationMetrics] = None
         self.totals = dict.fromkeys(("verified_requests", "verify_passes", "speculated_tokens",
-                                     "accepted_tokens", "rolled_back_requests", "draft_mismatches"), 0)
+                                     "accepted_tokens", "rolled_back_requests", "draft_mismatches",
+                                     "redraft_passes", "redrafted_requests", "redrafted_tokens"), 0)
 
     def state(self) -> dict:
         return {"speculating": len(self.records), "paused": sum(rec.paused for rec in self.records.values()),
@@ -162,16 +169,18 @@ class Speculator:
             if rec is not None and not rec.paused and not rec.params.greedy:
                 rec.drafts.append(logits[i].float().clone())
 
-    # --- verification -------------------------------------------------------------------------
+    # --- landings ---------------------------------------------------------------------------
 
     def verify_landed(self, scheduler) -> list:
-        """Verify every request whose Residual has landed; return those that decode on."""
+        """Verify every request whose Residual has landed, re-draft those whose middle stage has;
+        return those that decode on."""
         group = scheduler.attn_tp_cpu_group
         waiting = [rec for rec in self.records.values() if rec.refined is None]
         # Every rank takes a Residual up in the same step, once it has come to all of them, and all of
         # them fail the request if its refinement failed on one.
-        came = [rec for rec, everywhere in zip(waiting, ranks.on_every_rank(
-            group, [rec.anchored.residual_came() for rec in waiting])) if everywhere]
+        everywhere = ranks.on_every_rank(group, [rec.anchored.residual_came() for rec in waiting])
+        came = [rec for rec, landed in zip(waiting, everywhere) if landed]
+        redrafted = self._redraft_landed(scheduler, [rec for rec, landed in zip(waiting, everywhere) if not landed])
         failures = [rec.anchored.take_residual().failure or rec.anchored.refine() for rec in came]
         failed = [(rec, failure or "the Residual did not land on another tensor-parallel rank")
                   for rec, failure, anywhere in zip(came, failures, ranks.on_any_rank(
@@ -181,23 +190,16 @@ class Speculator:
             if id(rec) not in failed_here:
                 rec.refined = time.time()
         landed = [rec for rec in self.records.values() if rec.refined is not None]
-        leaving = {id(rec.req) for rec in landed + [rec for rec, _ in failed]}
-        if leaving:
-            # Between two steps a request is in the running batch, or (admitted beyond the batch
-            # size) still in the waiting queue, or paused.
-            scheduler.running_batch.filter_batch(
-                reqs_to_exclude=[r for r in scheduler.running_batch.reqs if id(r) in leaving])
-            scheduler.waiting_queue = [r for r in scheduler.waiting_queue if id(r) not in leaving]
+        _leave_batch(scheduler, [rec.req for rec in landed + [rec for rec, _ in failed]])
         for rec, failure in failed:
             self._finish(scheduler, rec, FINISH_ABORT(f"Lynx KV transfer: {failure}",
                                                       HTTPStatus.INTERNAL_SERVER_ERROR))
         ready = self._with_room(scheduler, landed)
-        return self._verify(scheduler, ready) if ready else []
+        return redrafted + (self._verify(scheduler, ready) if ready else [])
 
-    def _with_room(self, scheduler, recs: list[Speculation]) -> list[Speculation]:
-        """Those of ``recs`` (oldest first) whose verify pass the KV pool has room for now: a failed
-        allocation would stop the scheduler. The others wait out of the batch, KV kept, until requests
-        that finish give pages back; past the KV waiting timeout they end with their verified tokens."""
+    def _room_for(self, scheduler, recs: list[Speculation]) -> tuple[list, list]:
+        """``recs`` (oldest first) split into those whose pass over their tokens the KV pool has room
+        for now, and the others: a failed allocation would stop the scheduler."""
         allocator = scheduler.token_to_kv_pool_allocator
         free = allocator.available_size() // allocator.page_size
         ready, no_room = [], []
@@ -208,6 +210,80 @@ class Speculator:
                 ready.append(rec)
             else:
                 no_room.append(rec)
+        return ready, no_room
+
+    # --- the middle stage ---------------------------------------------------------------------
+
+    def _redraft_landed(self, scheduler, waiting: list[Speculation]) -> list:
+        """Of ``waiting`` (Residual not landed), those whose middle stage has landed on every rank: refine
+        their prompt KV to its bits and re-draft their speculated tokens on it. Returns those to put back
+        in the batch."""
+        group = scheduler.attn_tp_cpu_group
+        waiting = [rec for rec in waiting if rec.middle is None and rec.anchored.has_middle]
+        came = [rec for rec, everywhere in zip(waiting, ranks.on_every_rank(
+            group, [rec.anchored.middle_came() for rec in waiting])) if everywhere]
+        failures = [rec.anchored.refine_middle() for rec in came]
+        redraft = []
+        for rec, failure, anywhere in zip(came, failures, ranks.on_any_rank(
+                group, [failure is not None for failure in failures])):
+            rec.middle = time.time()
+            if anywhere:  # it speculates on as it was: the Residual's own checks decide its fate
+                failure = failure or "it did not land on another tensor-parallel rank"
+                logger.warning("Lynx: request %s: the Residual's middle stage: %s", rec.req.rid, failure)
+                rec.anchored.record(middle_failure=failure)
+            elif rec.speculated > 0:
+                redraft.append(rec)
+        ready, _ = self._room_for(scheduler, redraft)  # without room it keeps its drafts, on the new KV
+        return self._redraft(scheduler, ready) if ready else []
+
+    def _redraft(self, scheduler, recs: list[Speculation]) -> list:
+        """One pass over the speculated tokens of ``recs`` on their prompt KV at the middle stage's bits.
+        Each keeps its tokens up to the first this KV disagrees with and takes this KV's token there
+        (greedy: its argmax; sampled: by the speculative-sampling rule, so that every token is then as
+        if drawn on this KV, and its distribution is the draft the final pass checks against)."""
+        _leave_batch(scheduler, [rec.req for rec in recs])
+        started = time.time()
+        logits = output_logits(scheduler, [rec.req for rec in recs])
+        redraft_s = time.time() - started
+        self.totals["redraft_passes"] += 1
+        if self.metrics is not None:
+            self.metrics.redraft_pass()
+        decode_on = []
+        for rec, rows in zip(recs, logits):
+            req, speculated = rec.req, rec.speculated
+            try:
+                verdict = self._decide(rec, rows)
+            except VerificationError as e:
+                self._finish(scheduler, rec, FINISH_ABORT(f"Lynx verification: {e}", HTTPStatus.INTERNAL_SERVER_ERROR))
+                continue
+            kept = verdict.accepted
+            if kept < speculated:  # past a disagreement the drafts go; this KV's token replaces them
+                req.output_ids = [*req.output_ids[: VERIFIED + kept], verdict.next_token]
+                if req.return_logprob:
+                    truncate_logprobs(req, VERIFIED + kept)  # the final pass logs every token's
+                rec.stopped = False
+                req.update_finish_state(1)  # a stop on the new token ends speculation (guard_finish)
+            truncate_kv(req, len(req.origin_input_ids) + len(req.output_ids) - 1, scheduler.tree_cache)
+            if not rec.params.greedy:
+                rec.drafts = list(rows[: rec.speculated].float().clone())
+            rec.anchored.record(redraft_s=redraft_s, redraft_speculated=speculated,
+                                redrafted=speculated - kept, redraft_batch=len(recs))
+            self.totals["redrafted_requests"] += kept < speculated
+            self.totals["redrafted_tokens"] += speculated - kept
+            if self.metrics is not None:
+                self.metrics.redrafted_tokens(speculated - kept)
+            rec.paused = rec.stopped or rec.speculated >= rec.cap
+            if not rec.paused:
+                decode_on.append(req)  # back in the batch: it speculates on, on this KV
+        return decode_on
+
+    # --- verification -------------------------------------------------------------------------
+
+    def _with_room(self, scheduler, recs: list[Speculation]) -> list[Speculation]:
+        """Those of ``recs`` whose verify pass the KV pool has room for now. The others wait out of the
+        batch, KV kept, until requests that finish give pages back; past the KV waiting timeout they end
+        with their verified tokens."""
+        ready, no_room = self._room_for(scheduler, recs)
         timed_out = ranks.on_any_rank(scheduler.attn_tp_cpu_group, [
             time.time() - rec.refined > rec.anchored.manager.waiting_timeout for rec in no_room])
         for rec, waited_too_long in zip(no_room, timed_out):
@@ -223,7 +299,7 @@ class Speculator:
 
     def _verify(self, scheduler, recs: list[Speculation]) -> list:
         started = time.time()
-        logits = exact_logits(scheduler, [rec.req for rec in recs])
+        logits = output_logits(scheduler, [rec.req for rec in recs])
         verify_s = time.time() - started
         self.totals["verify_passes"] += 1
         if self.metrics is not None:
@@ -308,6 +384,16 @@ class Speculator:
         if req.return_logprob:
             truncate_logprobs(req, VERIFIED)
         rec.anchored.close(speculated=rec.speculated, **fields)
+
+
+def _leave_batch(scheduler, reqs: list) -> None:
+    """Take ``reqs`` out of the scheduler's queues for a pass of their own. Between two steps a request
+    is in the running batch, or (admitted beyond the batch size) still in the waiting queue, or paused."""
+    leaving = {id(req) for req in reqs}
+    in_batch = [req for req in scheduler.running_batch.reqs if id(req) in leaving]
+    if in_batch:
+        scheduler.running_batch.filter_batch(reqs_to_exclude=in_batch)
+    scheduler.waiting_queue = [req for req in scheduler.waiting_queue if id(req) not in leaving]
 
 
 _LOGPROB_LISTS = ("output_token_logprobs_val", "output_token_logprobs_idx", "output_top_logprobs_val",

@@ -1,4 +1,5 @@
-"""The verify pass and KV rollback, on SGLang's own batch and allocation machinery.
+"""The verify pass (and the re-draft pass at a middle stage) and KV rollback, on SGLang's own batch and
+allocation machinery.
 
 A speculating request holds output tokens t0 (exact, from prefill) .. ts (speculated on the Anchor)
 and KV for the prompt (refined to INT8 by now) and for t0 .. t(s-1) (computed on the Anchor). One
@@ -88,8 +89,9 @@ def attend_new_tokens(query, output, k_cache, v_cache, req_to_token, req_pool_in
     return output
 
 
-def exact_logits(scheduler, reqs: list) -> list[torch.Tensor]:
-    """One forward pass for all ``reqs``; per request the [len(output_ids), V] exact logits."""
+def output_logits(scheduler, reqs: list) -> list[torch.Tensor]:
+    """One forward pass for all ``reqs`` over their output tokens, on the prompt KV they hold (exact once
+    refined to INT8; at the middle stage's bits for a re-draft); per request [len(output_ids), V] logits."""
     for req in reqs:
         prompt_len = len(req.origin_input_ids)
         truncate_kv(req, prompt_len, scheduler.tree_cache)

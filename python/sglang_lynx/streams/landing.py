@@ -5,7 +5,8 @@ staging area has rows for it, oldest first (:func:`hold_for_staging`). When SGLa
 complete (first stream + first token), its rows are checked and written into the KV pool:
 Anchor-only (``int4``, ``lynx``) or exact INT8 (``int8``). A ``lynx`` request is then
 :class:`Anchored` until its Residual lands and :meth:`Anchored.refine` rewrites its pages with
-INT8-exact values; what it does meanwhile is the speculation module's business.
+INT8-exact values (a Residual in stages: :meth:`Anchored.refine_middle` first, at the bits of the
+middle stage); what it does meanwhile is the speculation module's business.
 """
 
 from __future__ import annotations
@@ -56,14 +57,32 @@ class Anchored:
         self.record(residual_landed=arrival.at)
         return arrival
 
+    @property
+    def has_middle(self) -> bool:
+        """Whether its Residual comes in two stages (``--lynx-stages 4,2,2``)."""
+        return self.manager.rows.num_streams > 2
+
+    def middle_came(self) -> bool:
+        """Whether the Residual's middle stage has landed (and not been taken yet)."""
+        return self.manager.middle_arrival(self.room) is not None
+
+    def refine_middle(self) -> Optional[str]:
+        """Rewrite the prompt pages with the KV at the bits of the Anchor and the middle stage; the
+        reason if the bytes are not usable."""
+        self.record(middle_landed=self.manager.take_middle_arrival(self.room))
+        return self._land(self.manager.rows.num_streams - 1, "refine_middle_s")
+
     def refine(self) -> Optional[str]:
         """Rewrite the prompt pages with INT8-exact KV; the reason if the bytes are not usable."""
+        return self._land(self.manager.rows.num_streams, "refine_s")
+
+    def _land(self, streams: int, timing: str) -> Optional[str]:
         started = time.time()
         try:
-            self.manager.rows.land(self.pages, self.rows, self.num_tokens, self.room, merged=True)
+            self.manager.rows.land(self.pages, self.rows, self.num_tokens, self.room, streams=streams)
         except LynxTransferError as e:
             return str(e)
-        self.record(refine_s=time.time() - started)
+        self.record(**{timing: time.time() - started})
         return None
 
     def record(self, **fields) -> None:
@@ -165,7 +184,7 @@ def commit_transfer(original, queue, decode_req):
         if rows is None or len(rows) != len(pages):
             raise LynxTransferError(f"this request holds {0 if rows is None else len(rows)} Lynx rows for "
                                     f"{len(pages)} pages")
-        manager.rows.land(pages, rows, num_tokens, room, merged=mode == "int8")
+        manager.rows.land(pages, rows, num_tokens, room, streams=manager.rows.num_streams if mode == "int8" else 1)
     except LynxTransferError as e:
         failure = str(e)
     # SGLang commits the same requests in the same order on every rank: they agree on each landing.

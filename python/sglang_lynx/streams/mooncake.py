@@ -69,6 +69,7 @@ logger = logging.getLogger(__name__)
 REGISTRATION_FRAME = b"LYNX"  # followed by one JSON frame, at the end of decode's registration
 ROWS_FRAME = b"LYNX_ROWS"  # followed by decode's rows (int32), at the end of SGLang's metadata message
 RESIDUAL_MESSAGE = b"LYNX_RESIDUAL"  # [header, room, b"1" ok | b"0" failed, reason]
+MIDDLE_MESSAGE = b"LYNX_MIDDLE"  # [header, room]: the Residual's middle stage is in decode's rows
 FIRST_TOKEN_MESSAGE = b"LYNX_FIRST"  # [header, room, decode's aux index, the aux row of each buffer...]
 # A new request's Anchor waits for at most one Residual job: keep a job to a few ms of link time.
 RESIDUAL_JOB_SECONDS = 0.02
@@ -154,6 +155,7 @@ class LynxKVManager(MooncakeKVManager):
             # Rows of ended requests whose Residual may still be written into them: room -> (rows, deadline).
             self.abandoned: dict[int, tuple[np.ndarray, float]] = {}
             self.first_tokens: dict[int, float] = {}  # room -> when its first token came (aux row written)
+            self.middle_arrivals: dict[int, float] = {}  # room -> when its Residual's middle stage landed
             self.arrived = threading.Event()  # a Residual or a first token: wakes an idle scheduler
             self._arrivals_lock = threading.Lock()  # the receiving thread vs the scheduler
 
@@ -193,7 +195,7 @@ class LynxKVManager(MooncakeKVManager):
     # --- handshake ----------------------------------------------------------------------------
 
     def build_receiver_registration_message(self):
-        lynx = {"mode": self.lynx.mode, "anchor_bits": self.lynx.anchor_bits,
+        lynx = {"mode": self.lynx.mode, "stages": self.lynx.stages,
                 "group_size": self.lynx.group_size, "first_token_at_prefill": self.lynx.first_token_at_prefill,
                 "tp_size": self.attn_tp_size, "rows_ptr": self.rows.data_ptr,
                 "row_nbytes": self.rows.row_nbytes, "row_version": VERSION}
@@ -226,6 +228,9 @@ class LynxKVManager(MooncakeKVManager):
                 return None
             if msg[0] == RESIDUAL_MESSAGE:
                 self._on_residual_message(msg)
+                return None
+            if msg[0] == MIDDLE_MESSAGE:
+                self._on_middle_message(msg)
                 return None
             if msg[0] == FIRST_TOKEN_MESSAGE:
                 self._on_first_token(msg)
@@ -274,7 +279,7 @@ class LynxKVManager(MooncakeKVManager):
         return fully_checked, mismatch
 
     def _lynx_mismatch(self, peer: Optional[dict]) -> Optional[str]:
-        ours = {"mode": self.lynx.mode, "anchor_bits": self.lynx.anchor_bits, "group_size": self.lynx.group_size,
+        ours = {"mode": self.lynx.mode, "stages": self.lynx.stages, "group_size": self.lynx.group_size,
                 "first_token_at_prefill": self.lynx.first_token_at_prefill}
         # (A decode worker of an earlier release sends no first_token_at_prefill: it takes no early token.)
         theirs = {k: peer.get(k, False) for k in ours} if peer else {"mode": "off"}
@@ -440,16 +445,22 @@ class LynxKVManager(MooncakeKVManager):
             time.sleep(0.001)
 
     def _schedule_residual(self, room) -> None:
+        """Queue the Residual's stages, each behind every pending Anchor and every earlier stage; decode
+        hears of each stage's end (the last one's with its outcome)."""
         plan = self.residual_plans[room]
         low, high = RESIDUAL_JOB_BYTES
         rate = self.pacer.bytes_per_s
         job_bytes = high if rate is None else int(min(high, max(low, rate * RESIDUAL_JOB_SECONDS)))
-        for session, src, dst, _, _ in plan.pieces:
-            blocks = row_runs(src, dst, self.rows.data_ptr, self.peers[session]["rows_ptr"],
-                              self.rows.row_nbytes, self.rows.residual_at, self.rows.residual_nbytes)
-            for job in split_blocks(blocks, job_bytes):
-                self.streams.submit(RESIDUAL, functools.partial(self._send_residual, room, session, job))
-        self.streams.submit(RESIDUAL, functools.partial(self._finish_residual, room))
+        stages = self.rows.later_streams
+        for i, (offset, length) in enumerate(stages):
+            for session, src, dst, _, _ in plan.pieces:
+                blocks = row_runs(src, dst, self.rows.data_ptr, self.peers[session]["rows_ptr"],
+                                  self.rows.row_nbytes, offset, length)
+                for job in split_blocks(blocks, job_bytes):
+                    self.streams.submit(RESIDUAL + i, functools.partial(self._send_residual, room, session, job))
+            last = i == len(stages) - 1
+            self.streams.submit(RESIDUAL + i, functools.partial(
+                self._finish_residual if last else self._finish_middle, room))
 
     def _send_residual(self, room, session, blocks) -> None:
         plan = self.residual_plans[room]
@@ -462,16 +473,22 @@ class LynxKVManager(MooncakeKVManager):
         else:
             self.timings.add(room, residual_bytes=sum(b[2] for b in blocks))
 
+    def _finish_middle(self, room) -> None:
+        plan = self.residual_plans[room]
+        if plan.failure is None:  # a failure is told with the last stage
+            self._tell_decode(plan, [MIDDLE_MESSAGE, str(room).encode()])
+            self.timings.add(room, middle_sent=time.time())
+
+    def _tell_decode(self, plan: _ResidualPlan, frames: list[bytes]) -> None:
+        for endpoint, port in {(endpoint, port) for _, _, _, endpoint, port in plan.pieces}:
+            address = NetworkAddress(endpoint, port)
+            self._send_multipart_locked(address.to_tcp(), frames, is_ipv6=address.is_ipv6)
+
     def _finish_residual(self, room) -> None:
         plan = self.residual_plans.pop(room)
         ok = plan.failure is None
-        endpoints = {(endpoint, port) for _, _, _, endpoint, port in plan.pieces}
-        for endpoint, port in endpoints:
-            address = NetworkAddress(endpoint, port)
-            self._send_multipart_locked(
-                address.to_tcp(),
-                [RESIDUAL_MESSAGE, str(room).encode(), b"1" if ok else b"0", (plan.failure or "").encode()],
-                is_ipv6=address.is_ipv6)
+        self._tell_decode(plan, [RESIDUAL_MESSAGE, str(room).encode(), b"1" if ok else b"0",
+                                 (plan.failure or "").encode()])
         if not ok:
             logger.error("Lynx: Residual of room %s: %s", room, plan.failure)
         self.timings.flush(room, residual_sent=time.time(), **({} if ok else {"failure": plan.failure}))
@@ -526,6 +543,7 @@ class LynxKVManager(MooncakeKVManager):
         rows = self.staged.pop(room, NO_PAGES)
         with self._arrivals_lock:
             self.first_tokens.pop(room, None)
+            self.middle_arrivals.pop(room, None)
             if residual_due and self.residual_arrivals.pop(room, None) is None:
                 # A second release of the same request (SGLang's, after Lynx's own) keeps what the first kept.
                 kept, _ = self.abandoned.get(room, (NO_PAGES, 0.0))
@@ -577,6 +595,22 @@ class LynxKVManager(MooncakeKVManager):
             return
         self.arrived.set()
 
+    def _on_middle_message(self, msg) -> None:
+        room = int(msg[1])
+        with self._arrivals_lock:
+            if room not in self.residual_sources:
+                return  # not (or no longer) waiting for its Residual
+            self.middle_arrivals[room] = time.time()
+        self.arrived.set()
+
+    def middle_arrival(self, room) -> Optional[float]:
+        """When the Residual's middle stage of ``room`` landed, once it has; else None."""
+        return self._arrival(self.middle_arrivals, room)
+
+    def take_middle_arrival(self, room) -> Optional[float]:
+        """:meth:`middle_arrival`, once: the request is being refined to it."""
+        return self._arrival(self.middle_arrivals, room, take=True)
+
     def expect_residual(self, room, bootstrap_addr: str) -> None:
         """Decode: ``room`` landed on its Anchor; its Residual comes from the prefill at ``bootstrap_addr``."""
         self.residual_sources[room] = bootstrap_addr
@@ -604,7 +638,7 @@ class LynxKVManager(MooncakeKVManager):
         return self._arrival(self.residual_arrivals, room, take=True)
 
     def wait_for_residual(self, timeout: float) -> None:
-        """Sleep until a Residual (or a first token) lands or ``timeout`` passes (an idle scheduler
-        waiting for one)."""
+        """Sleep until a Residual (or its middle stage, or a first token) lands or ``timeout`` passes (an
+        idle scheduler waiting for one)."""
         if self.arrived.wait(timeout):
             self.arrived.clear()

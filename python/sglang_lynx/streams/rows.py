@@ -24,6 +24,7 @@ they are checked.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 from typing import Optional, Sequence
@@ -39,8 +40,9 @@ from sglang_lynx.config import MODES, QUANTIZED_MODES, LynxConfig, LynxConfigErr
 MAGIC = b"LYNX"
 VERSION = 3  # 3: stream checksums; 2: 8-bit scales with a shared exponent per head
 # magic, version, mode, anchor bits, flags, group size, valid tokens in the page, first stream's
-# checksum, room, Residual's checksum (checksums: the low 32 bits of xxh3-64 over the stream's bytes)
-HEADER = struct.Struct("<4sBBBBHHIQI4x")
+# checksum, room, Residual's checksum (checksums: the low 32 bits of xxh3-64 over the stream's bytes),
+# the middle stage's bits (0: the Residual is one stage)
+HEADER = struct.Struct("<4sBBBBHHIQIB3x")
 assert HEADER.size == 32
 CHECKSUMMED = 1  # flags: the checksums are set
 # Rows are encoded and landed this many tokens (whole pages, at least one) at a time, so that beside the
@@ -69,21 +71,27 @@ class StagingRows:
         _, num_heads, head_dim = self.k_buffers[0].shape
         self.dtype, self.device = self.k_buffers[0].dtype, self.k_buffers[0].device
         self.quantized = config.mode in QUANTIZED_MODES
+        self.residual_plan = config.residual_plan
         if self.quantized:
             self.codec = Codec(num_layers=len(self.k_buffers), num_heads=num_heads, head_dim=head_dim,
                                anchor_bits=config.anchor_bits, group_size=config.group_size)
             meta = self.codec.meta_nbytes(page_size)
             anchor = self.codec.anchor_nbytes(page_size)
-            residual = self.codec.residual_nbytes(page_size)
+            stages = [self.codec.stage_nbytes(page_size, bits) for bits in self.residual_plan]
         else:  # raw: the pool's own bytes travel; the row carries only the header
-            meta = anchor = residual = 0
+            meta = anchor = 0
+            stages = [0]
         self.meta_at = HEADER.size
         self.anchor_at = self.meta_at + meta
         self.residual_at = self.anchor_at + anchor
-        self.row_nbytes = self.residual_at + residual
+        self.stage_at = list(itertools.accumulate(stages, initial=self.residual_at))  # each stage's start, the end
+        self.row_nbytes = self.stage_at[-1]
+        self.num_streams = 1 + len(stages)  # the first (meta + Anchor), then each stage of the Residual
         # int8 sends everything at once; int4 never sends the Residual.
         self.first_stream_nbytes = self.row_nbytes if config.mode == "int8" else self.residual_at
-        self.residual_nbytes = residual if config.mode == "lynx" else 0
+        # lynx: the later streams, (offset, length) in a row, each sent after the one before across requests.
+        self.later_streams = ([(start, end - start) for start, end in zip(self.stage_at, self.stage_at[1:])]
+                              if config.mode == "lynx" else [])
         pool_pages = self.k_buffers[0].shape[0] // page_size
         self.num_rows = min(nbytes // self.row_nbytes, pool_pages)  # more rows than pages are never used
         if self.num_rows < 1:
@@ -147,9 +155,13 @@ class StagingRows:
             if self.quantized:  # raw: the pool's own bytes travel, the row holds only the header
                 self._gather(self._token_indices(chunk_pages, n), kv[:, :, :n])
                 for i, (row, m) in enumerate(zip(chunk_rows, sizes)):
-                    meta, anchor, residual = self._planes(self.buffer[row], m)
+                    meta, anchor, stages = self._planes(self.buffer[row], m)
+                    residual = self.buffer[row, self.residual_at: self.residual_at + self.codec.residual_nbytes(m)]
                     page = kv[:, :, i * self.page_size: i * self.page_size + m]
                     self.codec.encode(page, out=Planes(anchor, residual, meta, m))
+                    if len(stages) > 1:  # the Residual's bit planes, each where its stream starts
+                        for stage, planes in zip(stages, self.codec.split_residual(residual, m, self.residual_plan)):
+                            stage.copy_(planes)
                 if self.config.verify_checksums:
                     sums = [self._sums(host, m) for host, m in zip(self._host_rows(chunk_rows), sizes)]
             headers = b"".join(_header(self.config, m, room, s) for m, s in zip(sizes, sums))
@@ -164,8 +176,12 @@ class StagingRows:
 
     # --- decode -------------------------------------------------------------------------------
 
-    def land(self, pages: Sequence[int], rows: Sequence[int], num_tokens: int, room: int, merged: bool) -> None:
-        """Check ``rows`` and write their KV into pool ``pages`` (Anchor-only or merged)."""
+    def land(self, pages: Sequence[int], rows: Sequence[int], num_tokens: int, room: int, streams: int = 1) -> None:
+        """Check ``rows`` and write their KV into pool ``pages``: with the first of their ``streams`` landed,
+        the Anchor-only reconstruction; with all (``num_streams``), exact INT8; in between (a middle stage),
+        the reconstruction at the bits landed."""
+        if not 1 <= streams <= self.num_streams:
+            raise ValueError(f"a row has {self.num_streams} streams; {streams} cannot have landed")
         headers = self.buffer[self._indices(rows), : HEADER.size].cpu().numpy()  # one read for all
         sums = [self._check_header(row, header.tobytes(), m, room)
                 for row, header, m in zip(rows, headers, self._row_tokens(len(rows), num_tokens))]
@@ -177,53 +193,62 @@ class StagingRows:
                 sizes = self._row_tokens(len(chunk_rows), n)
                 for i, (row, host, m) in enumerate(zip(chunk_rows, self._host_rows(chunk_rows), sizes)):
                     if sums[first + i] is not None:
-                        self._check_sums(row, sums[first + i], host, m, merged)
-        # Each chunk's meta, Anchor (and Residual) are gathered into the same buffers.
-        spans = [(self.meta_at, self.anchor_at), (self.anchor_at, self.residual_at)]
-        if merged:
-            spans.append((self.residual_at, self.row_nbytes))
+                        self._check_sums(row, sums[first + i], host, m, streams)
+        # Each chunk's meta, Anchor (and stages landed) are gathered into the same buffers.
+        spans = [(self.meta_at, self.anchor_at), (self.anchor_at, self.residual_at),
+                 *zip(self.stage_at[: streams - 1], self.stage_at[1:streams])]
         staged = [torch.empty((min(self.chunk_pages, len(rows)), end - start), dtype=torch.uint8, device=self.device)
                   for start, end in spans]
         for _, chunk_pages, chunk_rows, n in chunks:
             indices = self._indices(chunk_rows)
-            meta, anchor, *residual = (torch.index_select(self.buffer[:, start:end], 0, indices,
-                                                          out=buf[: len(indices)])
-                                       for (start, end), buf in zip(spans, staged))
+            meta, anchor, *stages = (torch.index_select(self.buffer[:, start:end], 0, indices,
+                                                        out=buf[: len(indices)])
+                                     for (start, end), buf in zip(spans, staged))
             slots = Slots(self.k_buffers + self.v_buffers, self._token_indices(chunk_pages, n))
             try:
-                self.codec.decode_pages(anchor, residual[0] if merged else None, meta, n, self.page_size,
-                                        self.dtype, out=slots)
+                self.codec.decode_pages(anchor, self._residual(stages), meta, n, self.page_size, self.dtype, out=slots)
             except ValueError as e:  # these bytes fail their request, not the worker
                 raise LynxTransferError(f"the KV that arrived cannot be decoded: {e}") from e
+
+    def _residual(self, stages: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The rows' Residual [rows, residual bytes of a page] from the stages landed (each [rows, its
+        bytes]): None with none, the stage itself when it is the only one, else merged."""
+        if not stages or len(self.residual_plan) == 1:
+            return stages[0] if stages else None
+        pages = stages[0].shape[0]
+        return self.codec.merge_residual(stages, pages * self.page_size, self.residual_plan).view(pages, -1)
 
     def _check_header(self, row: int, header: bytes, num_tokens: int, room: int) -> Optional[tuple[int, int]]:
         """Raise unless ``header`` (of ``row``) names this request's page; its stream checksums, if they
         are to be checked."""
-        magic, version, mode, bits, flags, group, n, first_sum, got_room, residual_sum = HEADER.unpack(header)
+        magic, version, mode, bits, flags, group, n, first_sum, got_room, residual_sum, middle = HEADER.unpack(header)
         if magic != MAGIC or got_room != room:
             raise LynxTransferError(
                 f"no Lynx data arrived for this request (row {row}): is the prefill worker running "
                 f"with --lynx-mode {self.config.mode}?")
-        theirs = (MODES[mode] if mode < len(MODES) else f"mode#{mode}", bits, group)
-        ours = (self.config.mode, self.config.anchor_bits, self.config.group_size)
+        plan = ",".join(map(str, (bits, middle, 8 - bits - middle) if middle else (bits, 8 - bits)))
+        theirs = (MODES[mode] if mode < len(MODES) else f"mode#{mode}", plan, group)
+        ours = (self.config.mode, self.config.stages, self.config.group_size)
         if version != VERSION or theirs != ours:
             raise LynxTransferError(
                 f"prefill and decode disagree on Lynx settings: prefill sent mode={theirs[0]} "
-                f"anchor_bits={theirs[1]} group_size={theirs[2]}, decode expects mode={ours[0]} "
-                f"anchor_bits={ours[1]} group_size={ours[2]}")
+                f"stages={theirs[1]} group_size={theirs[2]}, decode expects mode={ours[0]} "
+                f"stages={ours[1]} group_size={ours[2]}")
         if n != num_tokens:
             raise LynxTransferError(f"row {row} carries {n} tokens, decode expected {num_tokens}")
         if flags & CHECKSUMMED and self.config.verify_checksums:
             return first_sum, residual_sum
         return None
 
-    def _check_sums(self, row: int, sums: tuple[int, int], host: np.ndarray, num_tokens: int, merged: bool) -> None:
+    def _check_sums(self, row: int, sums: tuple[int, int], host: np.ndarray, num_tokens: int, streams: int) -> None:
         """Raise unless the streams of ``row`` (its bytes ``host``) that land now have the checksums ``sums``."""
-        meta, anchor, residual = self._planes(host, num_tokens)
-        # The first stream is checked when it lands, the Residual when it is merged (int8: both at once).
-        checks = [("Anchor", sums[0], (meta, anchor))] if not merged or self.config.mode == "int8" else []
-        if merged:
-            checks.append(("Residual", sums[1], (residual,)))
+        meta, anchor, stages = self._planes(host, num_tokens)
+        # The first stream is checked when it lands, the Residual when all its stages are in (int8: both at
+        # once). A middle stage is not checked on its own: its KV only guides speculation, and its bytes are
+        # checked with the last stage's before any token decoded on them is verified.
+        checks = [("Anchor", sums[0], (meta, anchor))] if streams == 1 or self.config.mode == "int8" else []
+        if streams == self.num_streams:
+            checks.append(("Residual", sums[1], stages))
         for stream, expected, parts in checks:
             if _checksum(*parts) != expected:
                 raise LynxTransferError(
@@ -244,16 +269,18 @@ class StagingRows:
         return [min(self.page_size, num_tokens - i * self.page_size) for i in range(count)]
 
     def _planes(self, row, num_tokens: int):
-        """Views of a row's meta, Anchor and Residual for a page holding ``num_tokens`` tokens
+        """Views of a row's meta, Anchor and Residual stages for a page holding ``num_tokens`` tokens
         (a partly filled page with more than one codec block uses only its leading blocks)."""
         return (row[self.meta_at: self.meta_at + self.codec.meta_nbytes(num_tokens)],
                 row[self.anchor_at: self.anchor_at + self.codec.anchor_nbytes(num_tokens)],
-                row[self.residual_at: self.residual_at + self.codec.residual_nbytes(num_tokens)])
+                [row[start: start + self.codec.stage_nbytes(num_tokens, bits)]
+                 for start, bits in zip(self.stage_at, self.residual_plan)])
 
     def _sums(self, host: np.ndarray, num_tokens: int) -> tuple[int, int]:
-        """The checksums of the first stream (meta, Anchor) and the Residual of a row's bytes ``host``."""
-        meta, anchor, residual = self._planes(host, num_tokens)
-        return _checksum(meta, anchor), _checksum(residual)
+        """The checksums of the first stream (meta, Anchor) and the Residual (its stages in order) of a
+        row's bytes ``host``."""
+        meta, anchor, stages = self._planes(host, num_tokens)
+        return _checksum(meta, anchor), _checksum(*stages)
 
     def _host_rows(self, rows: Sequence[int]) -> list[np.ndarray]:
         """The bytes of ``rows``, readable on the host: views of an area on the CPU, else one copy of all."""
@@ -273,8 +300,9 @@ class StagingRows:
 
 def _header(config: LynxConfig, num_tokens: int, room: int, sums: Optional[tuple[int, int]] = None) -> bytes:
     first_sum, residual_sum = sums or (0, 0)
+    middle = config.residual_plan[0] if len(config.residual_plan) > 1 else 0
     return HEADER.pack(MAGIC, VERSION, MODES.index(config.mode), config.anchor_bits,
-                       CHECKSUMMED if sums else 0, config.group_size, num_tokens, first_sum, room, residual_sum)
+                       CHECKSUMMED if sums else 0, config.group_size, num_tokens, first_sum, room, residual_sum, middle)
 
 
 def _checksum(*parts: np.ndarray) -> int:

@@ -4,7 +4,9 @@ Every write a prefill worker makes goes through one :class:`Pacer` (the emulated
 in the quantized modes, through one :class:`StreamScheduler` thread. Jobs are small and
 bounded: an Anchor job writes one chunk's first stream, a Residual job writes a bounded run
 of pages. Between jobs the scheduler takes the most urgent one, so a new request's Anchor
-waits for at most one Residual job, never for an earlier request's whole Residual.
+waits for at most one Residual job, never for an earlier request's whole Residual; with a
+Residual in stages (``--lynx-stages 4,2,2``), every request's middle stage goes before any
+request's last.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable, Optional
 logger = logging.getLogger(__name__)
 
 ANCHOR = 0  # first stream: Anchor planes + scales (all of it in int8 mode), then the first token
-RESIDUAL = 1  # second stream: the low bits, in bounded jobs
+RESIDUAL = 1  # then the low bits, in bounded jobs: the Residual's i-th stage (from 0) at priority RESIDUAL + i
 
 
 class Pacer:
