@@ -1,5 +1,7 @@
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import pytest
 
@@ -31,6 +33,45 @@ PROMPTS = {
 }
 
 
+# Varied text, completions and chat: the first behind a long preamble, the others short.
+PREAMBLE = (
+    "The following is a collection of short passages written by students in an evening class on "
+    "writing. Each student was given the opening of a text, or a question, and asked to continue it in "
+    "plain English, without lists or headings, in the voice of a patient teacher who explains things "
+    "clearly to a curious reader. The passages cover history, science, cooking, travel, literature, "
+    "programming and everyday life. Some are serious and some are light-hearted, but all of them try "
+    "to be accurate, kind and easy to follow. The teacher collected them at the end of the term and "
+    "kept the best ones for the next class. Here is one of them.\n\n")
+SPECULATION_PROMPTS = [PREAMBLE + "The old lighthouse keeper climbed the stairs every evening, and"] + [
+    "In 1858, the city of London suffered through a hot summer known as",
+    "Photosynthesis is the process by which green plants",
+    "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n",
+    "Dear Professor Smith,\n\nI am writing to ask whether",
+    "The recipe calls for two cups of flour, one egg and",
+    "Once the train left the station, Maria opened the letter and read",
+    "The three laws of thermodynamics can be summarised as follows:",
+    "Chess is a game of strategy in which each player",
+    "To be, or not to be, that is the question:",
+    "The stock market fell sharply on Monday after",
+    "Volcanoes form when molten rock from deep inside the Earth",
+] + [[{"role": "user", "content": question}] for question in (
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about autumn leaves.",
+    "Give me three tips for learning a new language.",
+    "What is the difference between weather and climate?",
+    "Translate 'good morning' into French, Spanish and German.",
+    "Describe a cat to someone who has never seen one.",
+    "How do I boil an egg?",
+    "Summarise the plot of Romeo and Juliet.",
+    "Suggest a weekend trip from Paris.",
+    "What are prime numbers? Give examples.",
+    "Write the opening line of a mystery novel.",
+    "Why do we have seasons?",
+)]
+SPECULATION_MAX_TOKENS = 32
+HELD_MBPS = 0.001  # a link that carries next to nothing until it is set back
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     return str(smollm2())
@@ -41,6 +82,42 @@ def ask_together(url: str, prompts: list, max_tokens: int) -> list:
     with ThreadPoolExecutor(len(prompts)) as pool:
         return list(pool.map(lambda p: complete(url, p, max_tokens=max_tokens, ignore_eos=True,
                                                 stream=isinstance(p, list)), prompts))
+
+
+def prefill_holds(n: int):
+    """A phase for ``PDCluster.wait_until``: prefill holds the KV of ``n`` requests (or more) in its rows."""
+    def prefill_holds_the_requests(books) -> bool:
+        return books["prefill"]["requests_holding_rows"] >= n
+    return prefill_holds_the_requests
+
+
+def ask_all_at_once(cluster, count: int = len(SPECULATION_PROMPTS)) -> list:
+    """The first ``count`` speculation prompts at once, streaming every other one; (answer, send time) each.
+    In lynx mode the link carries nothing until prefill holds the KV of every one of them: each Residual
+    then waits behind every Anchor and the Residuals before it, however prefill batched the requests.
+    A cluster answers them once a session; the modules comparing with its answers share them."""
+    name = str(cluster.spec.log_dir)  # one per cluster
+    if len(_asked.get(name, ())) >= count:
+        return _asked[name][:count]
+    lynx = cluster.spec.lynx.mode == "lynx"
+
+    def ask(i):
+        sent = time.time()
+        answer = complete(cluster.spec.router_url, SPECULATION_PROMPTS[i], max_tokens=SPECULATION_MAX_TOKENS,
+                          stream=i % 2 == 1, ignore_eos=True)  # every request runs past the cap (stops: below)
+        return answer, sent
+
+    cluster.wait_settled()  # no row held from before: prefill holds rows for these requests alone
+    with ThreadPoolExecutor(count) as pool:
+        with cluster.link_at(HELD_MBPS) if lynx else nullcontext():
+            asked = [pool.submit(ask, i) for i in range(count)]
+            if lynx:
+                cluster.wait_until(prefill_holds(len(asked)), workers=["prefill"])
+        _asked[name] = [a.result() for a in asked]
+    return _asked[name]
+
+
+_asked: dict[str, list] = {}  # cluster -> its answers to the speculation prompts
 
 
 def decode_records(timings) -> dict[str, dict]:
@@ -90,11 +167,15 @@ LYNX_CLUSTERS = {  # int8 answers first: lynx is compared with it
                        staging_mb=STAGING_MB),
     # SGLang's order for the first token (with the KV) in one mode: the option's other side, served.
     "int4": LynxConfig(mode="int4", bandwidth_mbps=16, first_token_at_prefill=False),
+    # lynx with its Residual in two stages: test_e2e_stages alone asks for it.
+    "stages": LynxConfig(mode="lynx", bandwidth_mbps=LINK_MBPS, group_size=GROUP, max_speculative_tokens=CAP,
+                         staging_mb=STAGING_MB, residual_stages=(2, 2)),
 }
-LYNX_SERVER_ARGS = {"lynx": ["--enable-metrics"]}
+SHARED = ["raw", "int8", "lynx", "int4"]  # the clusters a module gets unless it names others
+LYNX_SERVER_ARGS = {"lynx": ["--enable-metrics"], "stages": ["--enable-metrics"]}
 
 
-@pytest.fixture(scope="session", params=list(LYNX_CLUSTERS))
+@pytest.fixture(scope="session", params=SHARED)
 def lynx_pd(request, model_path, reference, tmp_path_factory):
     """(name, cluster, its timings file) for a cluster of LYNX_CLUSTERS; modules use ``lynx_cluster``."""
     log_dir = tmp_path_factory.mktemp(request.param)

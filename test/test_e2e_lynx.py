@@ -24,52 +24,16 @@ from sglang_lynx.bench.serving import bench_serving_cmd
 from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterError, settled
 
-from conftest import CAP, LINK_MBPS, MAX_TOKENS, PROMPTS
+from conftest import (CAP, HELD_MBPS, LINK_MBPS, MAX_TOKENS, PROMPTS, SPECULATION_MAX_TOKENS, SPECULATION_PROMPTS,
+                      ask_all_at_once, prefill_holds)
 
 pytestmark = pytest.mark.e2e
 
 
-# Varied text, completions and chat: the first behind a long preamble, the others short.
-PREAMBLE = (
-    "The following is a collection of short passages written by students in an evening class on "
-    "writing. Each student was given the opening of a text, or a question, and asked to continue it in "
-    "plain English, without lists or headings, in the voice of a patient teacher who explains things "
-    "clearly to a curious reader. The passages cover history, science, cooking, travel, literature, "
-    "programming and everyday life. Some are serious and some are light-hearted, but all of them try "
-    "to be accurate, kind and easy to follow. The teacher collected them at the end of the term and "
-    "kept the best ones for the next class. Here is one of them.\n\n")
-SPECULATION_PROMPTS = [PREAMBLE + "The old lighthouse keeper climbed the stairs every evening, and"] + [
-    "In 1858, the city of London suffered through a hot summer known as",
-    "Photosynthesis is the process by which green plants",
-    "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n",
-    "Dear Professor Smith,\n\nI am writing to ask whether",
-    "The recipe calls for two cups of flour, one egg and",
-    "Once the train left the station, Maria opened the letter and read",
-    "The three laws of thermodynamics can be summarised as follows:",
-    "Chess is a game of strategy in which each player",
-    "To be, or not to be, that is the question:",
-    "The stock market fell sharply on Monday after",
-    "Volcanoes form when molten rock from deep inside the Earth",
-] + [[{"role": "user", "content": question}] for question in (
-    "Explain in two sentences why the sky is blue.",
-    "Write a haiku about autumn leaves.",
-    "Give me three tips for learning a new language.",
-    "What is the difference between weather and climate?",
-    "Translate 'good morning' into French, Spanish and German.",
-    "Describe a cat to someone who has never seen one.",
-    "How do I boil an egg?",
-    "Summarise the plot of Romeo and Juliet.",
-    "Suggest a weekend trip from Paris.",
-    "What are prime numbers? Give examples.",
-    "Write the opening line of a mystery novel.",
-    "Why do we have seasons?",
-)]
-SPECULATION_MAX_TOKENS = 32
 MEDIUM = SPECULATION_PROMPTS[0]  # ~150 tokens: a Residual of ~1.8 s here
 SAMPLING_PROMPT = "Here is a list of fruits: apple, banana, cherry,"  # a few likely tokens at each step
 SAMPLES = 200
 SAMPLING_LINK_MBPS = 16
-HELD_MBPS = 0.001  # a link that carries next to nothing until it is set back
 FAST_LINK_MBPS = 400
 
 answers: dict[str, dict] = collections.defaultdict(dict)  # mode -> name -> answer, for comparing modes
@@ -81,13 +45,6 @@ def records(timings, role: str) -> list[dict]:
 
 def decode_record(timings, rid: str) -> dict:
     return next(r for r in records(timings, "decode") if r.get("rid") == rid)
-
-
-def prefill_holds(n: int):
-    """A phase for ``PDCluster.wait_until``: prefill holds the KV of ``n`` requests (or more) in its rows."""
-    def prefill_holds_the_requests(books) -> bool:
-        return books["prefill"]["requests_holding_rows"] >= n
-    return prefill_holds_the_requests
 
 
 def only(mode, *modes):
@@ -165,29 +122,10 @@ def test_every_request_is_timed_and_the_residual_travels_only_in_lynx_mode(lynx_
         assert last["first_stream_bytes"] < 0.65 * (last["first_stream_bytes"] + last["residual_bytes"])
 
 
-def ask_all_at_once(cluster, mode: str) -> list:
-    """Every speculation prompt at once, streaming every other one; (answer, send time) each. In lynx
-    mode the link carries nothing until prefill holds the KV of every one of them: each Residual then
-    waits behind every Anchor and the Residuals before it, however prefill batched the requests."""
-    def ask(i):
-        sent = time.time()
-        answer = complete(cluster.spec.router_url, SPECULATION_PROMPTS[i], max_tokens=SPECULATION_MAX_TOKENS,
-                          stream=i % 2 == 1, ignore_eos=True)  # every request runs past the cap (stops: below)
-        return answer, sent
-
-    cluster.wait_settled()  # no row held from before: prefill holds rows for these requests alone
-    with ThreadPoolExecutor(len(SPECULATION_PROMPTS)) as pool:
-        with cluster.link_at(HELD_MBPS) if mode == "lynx" else nullcontext():
-            asked = [pool.submit(ask, i) for i in range(len(SPECULATION_PROMPTS))]
-            if mode == "lynx":
-                cluster.wait_until(prefill_holds(len(asked)), workers=["prefill"])
-        return [a.result() for a in asked]
-
-
 def test_greedy_lynx_equals_int8_while_speculating_and_rolling_back(lynx_cluster):
     mode, cluster, timings = lynx_cluster
     only(mode, "int8", "lynx")
-    results = ask_all_at_once(cluster, mode)
+    results = ask_all_at_once(cluster)
     answers[mode]["speculation"] = results
     if mode == "int8":
         return

@@ -236,6 +236,21 @@ class Landed:
         pass
 
 
+class MiddleLanded(Landed):
+    """Stands in for a request's Anchor-only KV whose Residual's middle stage has landed, not its last."""
+
+    has_middle = True
+
+    def residual_came(self):
+        return False
+
+    def middle_came(self):
+        return True
+
+    def refine_middle(self):
+        return None
+
+
 def speculating(req, params=GREEDY, drafts=()) -> Speculator:
     speculator = Speculator(max_speculative_tokens=8)
     speculator.records[req.rid] = Speculation(req, Landed(), 8, params, drafts=list(drafts))
@@ -407,3 +422,55 @@ def test_an_abort_mid_speculation_leaves_no_logprob_past_the_verified_first_toke
     assert req.finished() and list(req.output_ids) == [5]
     assert {name: len(values) for name, values in logprob_lists(req).items()} == dict.fromkeys(logprob_lists(req), 1)
     assert req.logprob.output_token_logprobs_idx == [5]
+
+
+def at_middle_stage(req, params=GREEDY, drafts=(), cap=8, paused=False) -> Speculator:
+    speculator = Speculator(max_speculative_tokens=cap)
+    speculator.records[req.rid] = Speculation(req, MiddleLanded(), cap, params, drafts=list(drafts), paused=paused)
+    return speculator
+
+
+def test_at_the_middle_stage_drafts_are_kept_up_to_the_first_the_refined_kv_disagrees_with_and_replaced_there(
+        monkeypatch):
+    req = speculating_req([5, 6, 7, 8])  # 5 from prefill; 6, 7, 8 drafted on the Anchor
+    speculator = at_middle_stage(req)
+    decode_on, passes = verify(monkeypatch, speculator, logits_predicting([6, 9, 1, 2]))  # on 6 bits: 6, then 9
+    assert passes == [[req]] and decode_on == [req]  # back in the batch, drafting on
+    assert list(req.output_ids) == [5, 6, 9] and speculator.holds_back(req)  # nothing shown: 6 and 9 are drafts
+    assert logprob_lists(req)["token_logprobs_idx"] == [5, 6]  # the final pass logs every token's
+    assert speculator.state()["redrafted_tokens"] == 2 and speculator.state()["redraft_passes"] == 1
+    decode_on, passes = verify(monkeypatch, speculator, logits_predicting([6, 9, 1]))
+    assert passes == [] and decode_on == []  # once per request
+
+
+def test_at_the_middle_stage_drafts_the_refined_kv_agrees_with_all_stay(monkeypatch):
+    req = speculating_req([5, 6, 7])
+    speculator = at_middle_stage(req)
+    decode_on, _ = verify(monkeypatch, speculator, logits_predicting([6, 7, 3]))
+    assert decode_on == [req] and list(req.output_ids) == [5, 6, 7]
+    assert speculator.state()["redrafted_tokens"] == 0 and speculator.state()["redrafted_requests"] == 0
+
+
+def test_a_request_at_its_cap_whose_drafts_all_stay_waits_out_of_the_batch_and_one_cut_back_drafts_on(monkeypatch):
+    whole = speculating_req([5, 6, 7])
+    speculator = at_middle_stage(whole, cap=2, paused=True)
+    assert verify(monkeypatch, speculator, logits_predicting([6, 7, 3]))[0] == []
+    assert speculator.records[whole.rid].paused
+    cut = speculating_req([5, 6, 7])
+    speculator = at_middle_stage(cut, cap=2, paused=True)
+    assert verify(monkeypatch, speculator, logits_predicting([4, 7, 3]))[0] == [cut]
+    assert list(cut.output_ids) == [5, 4] and not speculator.records[cut.rid].paused
+
+
+def test_sampled_drafts_kept_at_the_middle_stage_are_then_checked_against_the_refined_kv_s_distributions(monkeypatch):
+    """Accepted by the speculative-sampling rule against the middle stage's distributions, the tokens are
+    as if drawn from those: they become the drafts the final pass checks against."""
+    params = SamplingParams(temperature=1.0, top_k=3)
+    anchor = logits_predicting([6, 7])  # the drafts' own distributions, on the Anchor
+    middle = logits_predicting([6, 7, 2]) * 2  # more sure of the same tokens: every draft is accepted
+    req = speculating_req([5, 6, 7])
+    speculator = at_middle_stage(req, params, drafts=list(anchor))
+    verify(monkeypatch, speculator, middle)
+    drafts = speculator.records[req.rid].drafts
+    assert list(req.output_ids) == [5, 6, 7] and len(drafts) == 2
+    assert all(torch.equal(draft, row) for draft, row in zip(drafts, middle))

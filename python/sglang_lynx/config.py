@@ -127,7 +127,7 @@ class LynxConfig:
         group.add_argument("--lynx-anchor-bits", type=int, default=None,
                            help="Most significant bits of each INT8 code sent in the Anchor stream (2..6); "
                                 "default 4. The same as --lynx-stages A,8-A.")
-        group.add_argument("--lynx-stages", type=_stage_list, default=None,
+        group.add_argument("--lynx-stages", type=stage_plan, default=None,
                            help="Bits of each INT8 code per stream, Anchor first, adding up to 8: 4,4 (the default) "
                                 "sends the Anchor then the Residual; 4,2,2 sends the Residual in two stages, and "
                                 "decode re-drafts on 6-bit KV when the middle one lands. Prefill and decode must "
@@ -161,9 +161,6 @@ class LynxConfig:
         if stages is not None and anchor_bits not in (None, stages[0]):
             raise LynxConfigError(f"--lynx-anchor-bits {anchor_bits} contradicts --lynx-stages "
                                   f"{','.join(map(str, stages))}, whose first stage is the Anchor: give one of them")
-        if stages is not None and len(stages) < 2:
-            raise LynxConfigError(f"--lynx-stages needs the Anchor and at least one more stage (e.g. 4,4); "
-                                  f"got {stages[0]}")
         return cls(
             mode=args.lynx_mode,
             anchor_bits=stages[0] if stages else (4 if anchor_bits is None else anchor_bits),
@@ -285,11 +282,22 @@ class LynxConfig:
         return cls(**fields)
 
 
-def _stage_list(text: str) -> tuple[int, ...]:
+def stage_plan(text: str) -> tuple[int, ...]:
+    """A progressive plan as ``--lynx-stages`` spells it, e.g. ``4,2,2``: bits per stage, the Anchor's first."""
     try:
-        return tuple(int(bits) for bits in text.split(","))
+        bits = tuple(int(b) for b in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated bits per stage (e.g. 4,2,2), got {text!r}") from None
+    if len(bits) < 2:
+        raise argparse.ArgumentTypeError(f"needs the Anchor and at least one more stage (e.g. 4,4); got {text!r}")
+    if bits[0] not in ANCHOR_BITS:
+        raise argparse.ArgumentTypeError(f"the Anchor (the first stage) carries {ANCHOR_BITS.start} to "
+                                         f"{ANCHOR_BITS.stop - 1} bits; got {text!r}")
+    try:
+        LynxConfig(anchor_bits=bits[0], residual_stages=bits[1:])
+    except LynxConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return bits
 
 
 def _positive_float(text: str) -> float:

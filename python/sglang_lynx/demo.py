@@ -58,9 +58,17 @@ def timeline(spec: ClusterSpec, rid: str, sent: float, ttft_s: float, total_s: f
     events += [(decode["first_stream_landed"], f"first stream landed on decode ({first / 1e6:.2f} MB"
                 + (f": Anchor, {spec.lynx.anchor_bits} of 8 bits and scales)" if residual else ")")),
                (sent + ttft_s, "first token on the client")]
+    middle_bits = spec.lynx.anchor_bits + spec.lynx.residual_plan[0]
+    if "middle_landed" in decode:
+        redraft = (f"one re-draft pass ({decode['redraft_s'] * 1000:.0f} ms) over the {decode['redraft_speculated']} "
+                   f"tokens drafted so far: {decode['redraft_speculated'] - decode['redrafted']} kept, "
+                   f"{decode['redrafted']} drafted again" if "redraft_s" in decode else "no tokens to re-draft")
+        events.append((decode["middle_landed"], f"middle stage landed: KV refined to {middle_bits} of 8 bits; "
+                       f"{redraft}; drafting goes on at {middle_bits} bits"))
     if "residual_landed" in decode:
+        on = "on the Anchor" + (f" and at {middle_bits} bits" if "middle_landed" in decode else "")
         events += [(decode["residual_landed"], f"Residual landed ({residual / 1e6:.2f} MB); "
-                    f"{decode.get('speculated', 0)} tokens speculated on the Anchor meanwhile"),
+                    f"{decode.get('speculated', 0)} tokens speculated {on} meanwhile"),
                    (decode["residual_applied"], f"KV refined to INT8; one verify pass "
                     f"({decode['verify_s'] * 1000:.0f} ms): {decode['accepted']} kept, "
                     f"{decode['rolled_back']} rolled back and redone exactly: the second token on")]

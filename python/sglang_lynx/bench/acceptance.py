@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from sglang_lynx.bench import write_json
-from sglang_lynx.codec import ANCHOR_BITS, Codec
+from sglang_lynx.codec import Codec
+from sglang_lynx.config import stage_plan
 from sglang_lynx.data import gutenberg_text
 from sglang_lynx.models import add_model_argument, resolve
 
@@ -44,7 +45,7 @@ def add_parser(subparsers) -> None:
                               description=__doc__.split("\n")[0])
     p.add_argument("--anchor-bits", default="4,5,6", help="comma-separated Anchor widths to compare")
     p.add_argument("--split", action="store_true", help="also anchor only K, and only V (first width)")
-    p.add_argument("--stages", nargs="*", default=[], type=plan, metavar="A,B[,C]",
+    p.add_argument("--stages", nargs="*", default=[], type=stage_plan, metavar="A,B[,C]",
                    help="progressive plans to predict, e.g. 4,4 4,2,2: drafts on the KV of all but the last stage")
     p.add_argument("--group-size", type=int, default=64, help="tokens per quantization group (--lynx-group-size)")
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens")
@@ -54,18 +55,6 @@ def add_parser(subparsers) -> None:
     add_model_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(run=run)
-
-
-def plan(text: str) -> tuple[int, ...]:
-    """A progressive plan: bits per stage, 8 in all, the Anchor's first (2 to 6 of them)."""
-    try:
-        bits = tuple(int(b) for b in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a plan is bits per stage, e.g. 4,2,2; got {text!r}") from None
-    if not 2 <= len(bits) <= 3 or sum(bits) != 8 or min(bits) < 1 or bits[0] not in ANCHOR_BITS:
-        raise argparse.ArgumentTypeError(f"a plan has 2 or 3 stages of at least one bit, 8 in all, the first "
-                                         f"of 2 to 6; got {text!r}")
-    return bits
 
 
 def variants(widths: list[int], split: bool, plans: list[tuple[int, ...]] = ()) -> dict[str, tuple]:

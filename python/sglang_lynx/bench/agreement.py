@@ -1,6 +1,7 @@
 """Greedy ``lynx`` against greedy ``int8`` on many prompts, each divergence explained.
 
     python -m sglang_lynx.bench agreement --num-prompts 100 --json bench-agreement.json
+    python -m sglang_lynx.bench agreement --stages 4,2,2 ...  # lynx re-drafting at a middle stage
 
 Brings up an ``int8`` cluster, then a ``lynx`` one, on the same paced link, and asks both the same
 prompts (windows of several Gutenberg texts as completions, and questions about them as chat), a
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from sglang_lynx.bench import write_json
 from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterSpec, PDCluster
-from sglang_lynx.config import LynxConfig
+from sglang_lynx.config import LynxConfig, stage_plan
 from sglang_lynx.data import gutenberg_text
 from sglang_lynx.models import add_model_argument, resolve
 
@@ -42,6 +43,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--bandwidth-mbps", type=float, default=16.0, help="emulated KV link rate")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks per worker (SGLang's --tp-size)")
+    p.add_argument("--stages", type=stage_plan, default=(4, 4), metavar="A,B[,C]",
+                   help="the lynx cluster's progressive plan (--lynx-stages), e.g. 4,2,2")
     add_model_argument(p)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(run=run)
@@ -80,7 +83,8 @@ def ask(url: str, prompt, max_tokens: int):
 
 def run_mode(mode: str, args, model_path: str, prompts: list, log_dir: Path) -> dict:
     timings = log_dir / f"{mode}-timings.jsonl"
-    lynx = LynxConfig(mode=mode, bandwidth_mbps=args.bandwidth_mbps, timings_file=str(timings))
+    lynx = LynxConfig(mode=mode, bandwidth_mbps=args.bandwidth_mbps, timings_file=str(timings),
+                      anchor_bits=args.stages[0], residual_stages=args.stages[1:])
     spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir / mode,
                        server_args=["--tp-size", str(args.tp_size)] if args.tp_size > 1 else [])
     with PDCluster(spec), ThreadPoolExecutor(args.concurrency) as pool, \
@@ -123,7 +127,9 @@ def run(args: argparse.Namespace) -> dict:
     verified = [r for r in runs["lynx"]["decode"] if r.get("speculated")]
     report.update(
         max_tokens=args.max_tokens, bandwidth_mbps=args.bandwidth_mbps, concurrency=args.concurrency,
-        tp_size=args.tp_size,
+        tp_size=args.tp_size, stages=",".join(map(str, args.stages)),
+        redrafted_requests=sum(r.get("redrafted", 0) > 0 for r in verified),
+        redrafted_tokens=sum(r.get("redrafted", 0) for r in verified),
         speculated_min=min((r["speculated"] for r in verified), default=0),
         speculated_mean=statistics.mean(r["speculated"] for r in verified) if verified else 0,
         accept_rate_mean=(sum(r["accepted"] for r in verified) / sum(r["speculated"] for r in verified)
@@ -136,6 +142,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_report(report: dict) -> None:
     ranks = f", {report['tp_size']} tensor-parallel ranks per worker" if report["tp_size"] > 1 else ""
+    if report["stages"] != "4,4":
+        ranks += (f", lynx in stages {report['stages']} ({report['redrafted_requests']} requests re-drafted "
+                  f"{report['redrafted_tokens']} tokens at the middle stage)")
     print(f"\ngreedy lynx == int8 on {report['identical']} of {report['prompts']} prompts{ranks} "
           f"({report['max_tokens']} tokens each; every lynx request speculated >= {report['speculated_min']} "
           f"tokens, {report['speculated_mean']:.1f} on average; acceptance {report['accept_rate_mean']:.3f}; "

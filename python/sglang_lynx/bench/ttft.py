@@ -4,6 +4,7 @@
         --input-len 128 --output-len 16 --num-prompts 3 --json bench-ttft.json
     python -m sglang_lynx.bench ttft --bandwidth-mbps 5,10,20,50 --input-len 1024,4096 ...  # a sweep
     python -m sglang_lynx.bench ttft --input-len 2048 --first-token-at-prefill both ...  # with and without
+    python -m sglang_lynx.bench ttft --modes int4,lynx --stages 4,4 4,2,2 ...  # lynx once per plan
 
 For each bandwidth and mode: bring up prefill + decode + router with that mode and the paced link
 (one cluster, reused for every prompt length), send the prompts one at a time through the router
@@ -14,7 +15,9 @@ everything but the transfer) and, in ``lynx`` mode, how many tokens were specula
 and how many verification kept. With the first token at prefill (the default) TTFT is about P in
 every mode, and the transfer shows from the second token on. The floor is P + Anchor bytes /
 bandwidth: what any 4-bit-first transfer must wait for before decoding (and, with
-``--first-token-at-prefill off``, before its first token).
+``--first-token-at-prefill off``, before its first token). ``--stages`` runs ``lynx`` once per
+progressive plan (``--lynx-stages``), named ``lynx 4,2,2`` etc. when there are several, and compares
+their acceptance and time to the K-th token.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from tqdm import tqdm
 from sglang_lynx.bench import parse_choices, write_json
 from sglang_lynx.client import generate
 from sglang_lynx.cluster import ClusterSpec, PDCluster
-from sglang_lynx.config import MODES, LynxConfig
+from sglang_lynx.config import MODES, LynxConfig, stage_plan
 from sglang_lynx.data import text_windows
 from sglang_lynx.models import add_model_argument, resolve
 
@@ -48,6 +51,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-prompts", type=int, default=3, help="requests per mode, sent one at a time")
     p.add_argument("--max-speculative-tokens", type=int, default=64,
                    help="lynx: tokens decoded on the Anchor before the Residual must land")
+    p.add_argument("--stages", nargs="+", type=stage_plan, default=[(4, 4)], metavar="A,B[,C]",
+                   help="lynx: progressive plans (--lynx-stages), e.g. 4,4 4,2,2: one lynx cluster each")
     p.add_argument("--first-token-at-prefill", choices=("on", "off", "both"), default="on",
                    help="prefill sends the first token ahead of the KV (--lynx-first-token-at-prefill); both: "
                         "every mode also runs without it, and the report compares the two")
@@ -92,15 +97,26 @@ def make_prompts(model_path: str, text: str, input_len: int, num_prompts: int) -
         raise SystemExit(str(e)) from None
 
 
-def run_cluster(mode: str, first_token_at_prefill: bool, bandwidth: float, args, model_path: str, prompts: dict,
-                progress: tqdm, log_dir: Path) -> dict:
+def variants(modes: list[str], plans: list[tuple[int, ...]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (mode, plan): ``lynx`` once per plan (named by its plan when there are several), the
+    other modes once (their transfer does not depend on it)."""
+    out = {}
+    for mode in modes:
+        for plan in plans if mode == "lynx" else plans[:1]:
+            named = mode == "lynx" and len(plans) > 1
+            out[f"{mode} {','.join(map(str, plan))}" if named else mode] = (mode, plan)
+    return out
+
+
+def run_cluster(name: str, mode: str, plan: tuple[int, ...], first_token_at_prefill: bool, bandwidth: float, args,
+                model_path: str, prompts: dict, progress: tqdm, log_dir: Path) -> dict:
     """One cluster of ``mode`` on a ``bandwidth`` link; every prompt length through it. -> results by length."""
-    name = mode if first_token_at_prefill else f"{mode}-first-token-off"
-    timings = log_dir / f"{name}-timings.jsonl"
+    name = name if first_token_at_prefill else f"{name}-first-token-off"
+    timings = log_dir / f"{name.replace(' ', '-')}-timings.jsonl"
     lynx = LynxConfig(mode=mode, bandwidth_mbps=bandwidth, timings_file=str(timings),
                       max_speculative_tokens=args.max_speculative_tokens,
-                      first_token_at_prefill=first_token_at_prefill)
-    spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir / name)
+                      first_token_at_prefill=first_token_at_prefill, anchor_bits=plan[0], residual_stages=plan[1:])
+    spec = ClusterSpec(model_path=model_path, lynx=lynx, log_dir=log_dir / name.replace(" ", "-"))
     sent = {n: [] for n in prompts}
     where = f"{name} @ {bandwidth:g} Mbit/s"
     progress.set_postfix_str(f"{where}: starting cluster")
@@ -134,7 +150,8 @@ def mode_result(mode: str, requests: list[dict], records: list[dict]) -> dict:
         req["first_stream_bytes"] = pre["first_stream_bytes"]
         req["residual_bytes"] = pre.get("residual_bytes", 0)
         if mode == "lynx":
-            req.update({key: dec[key] for key in ("speculated", "accepted", "verify_s", "refine_s") if key in dec})
+            req.update({key: dec[key] for key in ("speculated", "accepted", "verify_s", "refine_s", "redrafted",
+                                                  "redraft_speculated", "redraft_s") if key in dec})
             if "paused" in dec and dec.get("speculated"):  # decoding alone on the Anchor until the cap
                 req["decode_step_s"] = (dec["paused"] - dec["speculating_from"]) / dec["speculated"]
     for req in requests:
@@ -170,6 +187,16 @@ def speculation_summary(requests: list[dict]) -> dict:
         "accepted_mean": statistics.mean(r["accepted"] for r in verified),
         "verify_ms_median": 1000 * statistics.median(r["verify_s"] for r in verified),
     }
+    redrafted = [r for r in verified if "redraft_s" in r]
+    if redrafted:  # a Residual in stages: drafts dropped when the middle stage landed count as not kept too
+        summary.update({
+            "redrafted_share": len(redrafted) / len(verified),
+            "redrafted_mean": statistics.mean(r["redrafted"] for r in redrafted),
+            "redraft_speculated_mean": statistics.mean(r["redraft_speculated"] for r in redrafted),
+            "redraft_ms_median": 1000 * statistics.median(r["redraft_s"] for r in redrafted),
+            "accept_rate_all_drafts": sum(r["accepted"] for r in verified) / sum(
+                r["speculated"] + r.get("redrafted", 0) for r in verified),
+        })
     steps = [r["decode_step_s"] for r in verified if "decode_step_s" in r]
     if steps:
         summary["decode_step_ms_median"] = 1000 * statistics.median(steps)
@@ -182,17 +209,18 @@ def run(args: argparse.Namespace) -> dict:
     check_context(model_path, args.input_len, args.output_len)
     prompts = {n: make_prompts(model_path, args.text, n, args.num_prompts) for n in args.input_len}
     first_token = {"on": [True], "off": [False], "both": [True, False]}[args.first_token_at_prefill]
-    results = {}  # (bandwidth, input length) -> first token at prefill -> mode -> result
-    total = len(args.bandwidth_mbps) * len(first_token) * len(modes) * len(args.input_len) * args.num_prompts
+    runs = variants(modes, args.stages)
+    results = {}  # (bandwidth, input length) -> first token at prefill -> mode (or lynx plan) -> result
+    total = len(args.bandwidth_mbps) * len(first_token) * len(runs) * len(args.input_len) * args.num_prompts
     with tempfile.TemporaryDirectory(prefix="lynx-bench-") as tmp, \
             tqdm(total=total, desc="bench ttft", unit="req") as progress:
         for bandwidth in args.bandwidth_mbps:
-            for mode in modes:
+            for name, (mode, plan) in runs.items():
                 for early in first_token:
-                    by_length = run_cluster(mode, early, bandwidth, args, model_path, prompts, progress,
-                                            Path(tmp) / f"{bandwidth:g}")
+                    by_length = run_cluster(name, mode, plan, early, bandwidth, args, model_path, prompts,
+                                            progress, Path(tmp) / f"{bandwidth:g}")
                     for n, result in by_length.items():
-                        results.setdefault((bandwidth, n), {}).setdefault(early, {})[mode] = result
+                        results.setdefault((bandwidth, n), {}).setdefault(early, {})[name] = result
     reports = [summarise(bandwidth, n, args, results[(bandwidth, n)])
                for n in args.input_len for bandwidth in args.bandwidth_mbps]
     for report in reports:
@@ -208,6 +236,29 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
+def compare_stages(results: dict) -> dict:
+    """With ``lynx`` run once per plan: each plan's acceptance, its time to the K-th token against the
+    first plan's (and int4's), and its acceptance gain over the first plan."""
+    plans = [name for name in results if name.startswith("lynx ")]
+    if len(plans) < 2:
+        return {}
+    first = results[plans[0]]
+    out = {}
+    for name in plans:
+        r = results[name]
+        entry = {"accept_rate_mean": r.get("accept_rate_mean"), "ttk_ms_median": r["ttk_ms_median"],
+                 "ttk_over_first_plan": r["ttk_ms_median"] / first["ttk_ms_median"]}
+        if r.get("accept_rate_mean") is not None and first.get("accept_rate_mean") is not None:
+            entry["accept_rate_gain"] = r["accept_rate_mean"] - first["accept_rate_mean"]
+        if "int4" in results:
+            entry["ttk_over_int4"] = r["ttk_ms_median"] / results["int4"]["ttk_ms_median"]
+        for key in ("accept_rate_all_drafts", "redrafted_mean", "redraft_ms_median"):
+            if key in r:
+                entry[key] = r[key]
+        out[name.removeprefix("lynx ")] = entry
+    return out
+
+
 def summarise(bandwidth: float, input_len: int, args, by_first_token: dict) -> dict:
     """The report of one (bandwidth, prompt length): per mode, ratios between modes, and with
     ``--first-token-at-prefill both`` the same modes without it (``modes_first_token_off``)."""
@@ -218,8 +269,9 @@ def summarise(bandwidth: float, input_len: int, args, by_first_token: dict) -> d
     report = {"bandwidth_mbps": bandwidth, "input_len": input_len,
               "output_len": args.output_len, "num_prompts": args.num_prompts,
               "first_token_at_prefill": early, "prefill_ms": prefill_ms, "modes": results}
-    if "lynx" in results:
-        anchor = results["lynx"]["first_stream_bytes"]
+    lynx_runs = [name for name in results if name.split()[0] == "lynx"]
+    if lynx_runs:  # every plan sends the same first stream
+        anchor = results[lynx_runs[0]]["first_stream_bytes"]
         report["floor_ms"] = prefill_ms + 1000 * anchor / bytes_per_s
         report["anchor_transfer_over_prefill"] = (1000 * anchor / bytes_per_s) / prefill_ms
     ratios = {}
@@ -240,7 +292,11 @@ def summarise(bandwidth: float, input_len: int, args, by_first_token: dict) -> d
             # The share of int8's extra wait for the K-th token that lynx removes.
             ratios["ttk_gap_closed"] = (ttk["int8"] - ttk["lynx"]) / (ttk["int8"] - ttk["int4"])
     if "floor_ms" in report:
-        ratios["ttft_lynx_over_floor"] = ttft["lynx"] / report["floor_ms"]
+        for name in lynx_runs:
+            ratios[f"ttft_{name.replace(' ', '_')}_over_floor"] = ttft[name] / report["floor_ms"]
+    stages = compare_stages(results)
+    if stages:
+        report["stages"] = stages
     if "lynx" in results:
         # Speculation pays off when the Residual lands before the K-th token would be decoded.
         report["residual_transfer_ms"] = 1000 * results["lynx"]["residual_bytes"] / bytes_per_s
@@ -276,11 +332,22 @@ def print_table(report: dict) -> None:
     if "residual_transfer_ms" in report and "decode_rest_ms" in report:
         print(f"Residual transfer {report['residual_transfer_ms']:.0f} ms; int8 decodes tokens 2..{k} in "
               f"{report['decode_rest_ms']:.0f} ms")
-    lynx = report["modes"].get("lynx", {})
-    if lynx.get("accept_rate_mean") is not None:
-        print(f"lynx speculation: {lynx['accepted_mean']:.1f} of {lynx['speculated_mean']:.1f} tokens kept "
+    for name, lynx in report["modes"].items():
+        if name.split()[0] != "lynx" or lynx.get("accept_rate_mean") is None:
+            continue
+        print(f"{name} speculation: {lynx['accepted_mean']:.1f} of {lynx['speculated_mean']:.1f} tokens kept "
               f"(acceptance {lynx['accept_rate_mean']:.3f}; whole run kept in {lynx['whole_accept_share']:.0%} "
               f"of requests); verify pass {lynx['verify_ms_median']:.0f} ms")
+        if "redraft_ms_median" in lynx:
+            print(f"{' ' * len(name)} middle stage: {lynx['redrafted_share']:.0%} of requests re-drafted, "
+                  f"{lynx['redrafted_mean']:.1f} of {lynx['redraft_speculated_mean']:.1f} drafts replaced "
+                  f"(pass {lynx['redraft_ms_median']:.0f} ms); kept of every draft made: "
+                  f"{lynx['accept_rate_all_drafts']:.3f}")
+    for plan, entry in report.get("stages", {}).items():
+        gain = entry.get("accept_rate_gain")
+        print(f"stages {plan:<8} T-to-{k} / first plan's {entry['ttk_over_first_plan']:.3f}"
+              + (f", / int4's {entry['ttk_over_int4']:.3f}" if "ttk_over_int4" in entry else "")
+              + (f"; acceptance {gain:+.3f} over the first plan" if gain is not None else ""))
     for name, value in report["ratios"].items():
         print(f"{name:<40} {value:.3f}")
 
@@ -297,7 +364,9 @@ def plot(reports: list[dict], path: Path) -> None:
 
     lengths = sorted({r["input_len"] for r in reports})
     fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.8), squeeze=False)
-    colours = {m: f"C{i}" for i, m in enumerate(("raw", "int8", "int4", "lynx"))}
+    names = list(reports[0]["modes"])
+    order = dict.fromkeys(("raw", "int8", "int4", "lynx", *names))  # the four modes keep their colours
+    colours = {m: f"C{i}" for i, m in enumerate(order) if m in names}
     for ax, n in zip(axes[0], lengths):
         points = sorted((r for r in reports if r["input_len"] == n), key=lambda r: r["bandwidth_mbps"])
         bw = [r["bandwidth_mbps"] for r in points]

@@ -258,7 +258,8 @@ class Speculator:
                 continue
             kept = verdict.accepted
             if kept < speculated:  # past a disagreement the drafts go; this KV's token replaces them
-                req.output_ids = [*req.output_ids[: VERIFIED + kept], verdict.next_token]
+                req.output_ids = req.output_ids[: VERIFIED + kept]  # a copy: SGLang may still hold the old one
+                req.output_ids.append(verdict.next_token)
                 if req.return_logprob:
                     truncate_logprobs(req, VERIFIED + kept)  # the final pass logs every token's
                 rec.stopped = False
