@@ -16,29 +16,21 @@ class SpeculationMetrics:
                                   names).labels(**labels)
         self.accepted = Counter("sglang:lynx_accepted_tokens", "Speculated tokens kept by verification.",
                                 names).labels(**labels)
-        self.verify_passes = Counter("sglang:lynx_verify_passes", "Verify forward passes.",
-                                     names).labels(**labels)
         self.rollbacks = Counter("sglang:lynx_rollbacks", "Verified requests that rolled back a token.",
                                  names).labels(**labels)
         self.draft_mismatches = Counter(
             "sglang:lynx_draft_mismatches",
             "Sampled speculated tokens outside the draft distribution rebuilt from their logits.",
             names).labels(**labels)
-        self.redraft_passes = Counter("sglang:lynx_redraft_passes",
-                                      "Passes over speculated tokens when a Residual's middle stage landed.",
-                                      names).labels(**labels)
+        self.passes = {
+            "verify": Counter("sglang:lynx_verify_passes", "Verify forward passes.", names).labels(**labels),
+            "redraft": Counter("sglang:lynx_redraft_passes",
+                               "Passes over speculated tokens when a Residual's middle stage landed.",
+                               names).labels(**labels),
+        }
         self.redrafted = Counter("sglang:lynx_redrafted_tokens",
                                  "Speculated tokens dropped when the KV refined to the middle stage disagreed.",
                                  names).labels(**labels)
-
-    def verify_pass(self) -> None:
-        self.verify_passes.inc()
-
-    def redraft_pass(self) -> None:
-        self.redraft_passes.inc()
-
-    def redrafted_tokens(self, dropped: int) -> None:
-        self.redrafted.inc(dropped)
 
     def verified(self, speculated: int, accepted: int, draft_mismatches: int) -> None:
         self.speculated.inc(speculated)

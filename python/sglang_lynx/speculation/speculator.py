@@ -242,20 +242,10 @@ class Speculator:
         (greedy: its argmax; sampled: by the speculative-sampling rule, so that every token is then as
         if drawn on this KV, and its distribution is the draft the final pass checks against)."""
         _leave_batch(scheduler, [rec.req for rec in recs])
-        started = time.time()
-        logits = output_logits(scheduler, [rec.req for rec in recs])
-        redraft_s = time.time() - started
-        self.totals["redraft_passes"] += 1
-        if self.metrics is not None:
-            self.metrics.redraft_pass()
+        _, redraft_s, decided = self._pass(scheduler, recs, "redraft")
         decode_on = []
-        for rec, rows in zip(recs, logits):
+        for rec, rows, verdict in decided:
             req, speculated = rec.req, rec.speculated
-            try:
-                verdict = self._decide(rec, rows)
-            except VerificationError as e:
-                self._finish(scheduler, rec, FINISH_ABORT(f"Lynx verification: {e}", HTTPStatus.INTERNAL_SERVER_ERROR))
-                continue
             kept = verdict.accepted
             if kept < speculated:  # past a disagreement the drafts go; this KV's token replaces them
                 req.output_ids = req.output_ids[: VERIFIED + kept]  # a copy: SGLang may still hold the old one
@@ -272,7 +262,7 @@ class Speculator:
             self.totals["redrafted_requests"] += kept < speculated
             self.totals["redrafted_tokens"] += speculated - kept
             if self.metrics is not None:
-                self.metrics.redrafted_tokens(speculated - kept)
+                self.metrics.redrafted.inc(speculated - kept)
             rec.paused = rec.stopped or rec.speculated >= rec.cap
             if not rec.paused:
                 decode_on.append(req)  # back in the batch: it speculates on, on this KV
@@ -298,21 +288,29 @@ class Speculator:
                 logger.info("Lynx: request %s waits for room in the KV pool to verify", rec.req.rid)
         return ready
 
-    def _verify(self, scheduler, recs: list[Speculation]) -> list:
+    def _pass(self, scheduler, recs: list[Speculation], kind: str) -> tuple[float, float, list]:
+        """One forward pass over the output tokens of ``recs`` on the KV they hold (``kind``: ``verify`` or
+        ``redraft``, as counted) -> when it started, its seconds, and (record, its logits, its verdict) of
+        each request; one whose drafts cannot be checked ends there with its verified tokens."""
         started = time.time()
         logits = output_logits(scheduler, [rec.req for rec in recs])
-        verify_s = time.time() - started
-        self.totals["verify_passes"] += 1
+        seconds = time.time() - started
+        self.totals[f"{kind}_passes"] += 1
         if self.metrics is not None:
-            self.metrics.verify_pass()
-        decode_on = []
+            self.metrics.passes[kind].inc()
+        decided = []
         for rec, rows in zip(recs, logits):
-            req = rec.req
             try:
-                verdict = self._decide(rec, rows)
+                decided.append((rec, rows, self._decide(rec, rows)))
             except VerificationError as e:
                 self._finish(scheduler, rec, FINISH_ABORT(f"Lynx verification: {e}", HTTPStatus.INTERNAL_SERVER_ERROR))
-                continue
+        return started, seconds, decided
+
+    def _verify(self, scheduler, recs: list[Speculation]) -> list:
+        started, verify_s, decided = self._pass(scheduler, recs, "verify")
+        decode_on = []
+        for rec, rows, verdict in decided:
+            req = rec.req
             del self.records[req.rid]
             speculated = rec.speculated
             kept = [*req.output_ids[VERIFIED: VERIFIED + verdict.accepted], verdict.next_token]
