@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODEL ?= smollm2
 QWEN := qwen2.5-coder-1.5b
 
-.PHONY: setup model-qwen demo test test-unit test-qwen test-tp bench-codec bench-landing bench-ttft bench-speculation bench-speculation-qwen bench-agreement bench-serving bench-faults bench-load cluster-up cluster-down clean
+.PHONY: setup model-qwen demo test test-unit test-qwen test-tp bench-codec bench-landing bench-ttft bench-speculation bench-speculation-qwen bench-stages bench-stages-qwen bench-agreement bench-serving bench-faults bench-load cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup.sh
@@ -51,6 +51,15 @@ bench-speculation: setup
 bench-speculation-qwen: model-qwen
 	$(PY) -m sglang_lynx.bench ttft --model-path $(QWEN) --modes int8,int4,lynx --bandwidth-mbps 2 \
 		--input-len 256 --output-len 32 --num-prompts 5 --json bench-speculation-qwen.json
+
+# lynx with its Residual in one stage and in two (--lynx-stages 4,4 and 4,2,2), beside int4, in the regimes above.
+bench-stages: setup
+	$(PY) -m sglang_lynx.bench ttft --modes int4,lynx --stages 4,4 4,2,2 --bandwidth-mbps 8 --input-len 256 \
+		--output-len 32 --num-prompts 5 --json bench-stages.json
+
+bench-stages-qwen: model-qwen
+	$(PY) -m sglang_lynx.bench ttft --model-path $(QWEN) --modes int4,lynx --stages 4,4 4,2,2 --bandwidth-mbps 2 \
+		--input-len 256 --output-len 32 --num-prompts 5 --json bench-stages-qwen.json
 
 bench-agreement: setup
 	$(PY) -m sglang_lynx.bench agreement --num-prompts 100 --json bench-agreement.json

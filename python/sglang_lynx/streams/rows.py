@@ -5,6 +5,9 @@ A row holds one KV page, laid out so that each stream is one contiguous write::
     | header (32 B) | codec meta (table, zeros, scales) | Anchor planes | Residual planes |
     |<------------- first stream (Anchor) ------------------->|<- second stream ->|
 
+With ``--lynx-stages A,B,C`` the Residual planes are the middle stage's then the last stage's (the codec's
+``split_residual``), each sized for a full page and sent as a stream of its own.
+
 Only KV in flight needs a row, so a worker has a fixed staging area (``--lynx-staging-mb``,
 default 5% of its KV pool) and each request takes rows from it for as long as its streams travel:
 on prefill from encoding until its last stream has gone, on decode from the moment SGLang allocates
