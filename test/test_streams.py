@@ -577,6 +577,22 @@ def test_a_failed_request_frees_its_rows_at_once_and_forgets_its_residual_when_i
     assert not manager.residual_arrivals and not manager.abandoned
 
 
+def test_a_middle_stage_is_kept_for_a_request_holding_rows_until_taken_or_released_and_dropped_after():
+    from sglang_lynx.streams.mooncake import MIDDLE_MESSAGE
+
+    manager = decode_manager()
+    manager.staged = {9: manager.rows.alloc(2), 10: manager.rows.alloc(1)}
+    for room in (9, 10, 11):  # 11 holds no rows: released (or never here)
+        manager._on_middle_message([MIDDLE_MESSAGE, str(room).encode()])
+    assert manager.arrived.is_set() and set(manager.middle_arrivals) == {9, 10}
+    assert manager.middle_arrival(9) is not None and manager.take_middle_arrival(9) is not None
+    assert manager.middle_arrival(9) is None
+    manager.release_rows(10, residual_due=True)
+    assert not manager.middle_arrivals
+    manager._on_middle_message([MIDDLE_MESSAGE, b"10"])
+    assert not manager.middle_arrivals
+
+
 def aux_buffers():
     """Two aux buffers of 4 rows (token ids, logprobs), as SGLang's metadata buffers, and their kv_args."""
     aux = [torch.zeros(4, 3, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.float32)]

@@ -598,9 +598,9 @@ class LynxKVManager(MooncakeKVManager):
     def _on_middle_message(self, msg) -> None:
         room = int(msg[1])
         with self._arrivals_lock:
-            if room not in self.residual_sources:
-                return  # not (or no longer) waiting for its Residual
-            self.middle_arrivals[room] = time.time()
+            if room not in self.staged:
+                return  # released: its Residual is no longer wanted
+            self.middle_arrivals[room] = time.time()  # (taken once its first stream has landed)
         self.arrived.set()
 
     def middle_arrival(self, room) -> Optional[float]:
