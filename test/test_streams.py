@@ -593,6 +593,25 @@ def test_a_middle_stage_is_kept_for_a_request_holding_rows_until_taken_or_releas
     assert not manager.middle_arrivals
 
 
+def test_prefill_releases_every_finished_request_at_the_end_of_its_step_health_checks_sharing_a_room_too():
+    from sglang_lynx.streams.mooncake import LynxKVManager
+
+    manager = LynxKVManager.__new__(LynxKVManager)  # the prefill side's releases, without SGLang's engine
+    manager.lynx = LynxConfig(mode="lynx")
+    manager.rows = staging(manager.lynx, fake_pool())
+    manager.staged, manager.peer_rows, manager.first_token_messages = {}, {}, {}
+    manager.waiting_chunks, manager.deferred_releases, manager.residual_plans = collections.deque(), {}, {7: None}
+    released = []
+    for room, name in [(0, "health check"), (0, "another health check"), (7, "sending its Residual")]:
+        manager.release_after_residual(room, lambda name=name: released.append(name))
+    one_rank = torch.distributed.ProcessGroupGloo(torch.distributed.HashStore(), 0, 1)
+    manager.step(one_rank)
+    assert released == ["health check", "another health check"] and manager.has_work()
+    del manager.residual_plans[7]
+    manager.step(one_rank)
+    assert released[-1] == "sending its Residual" and not manager.has_work()
+
+
 def aux_buffers():
     """Two aux buffers of 4 rows (token ids, logprobs), as SGLang's metadata buffers, and their kv_args."""
     aux = [torch.zeros(4, 3, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.float32)]

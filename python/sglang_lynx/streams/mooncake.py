@@ -144,7 +144,8 @@ class LynxKVManager(MooncakeKVManager):
             self.waiting_chunks: collections.deque[_Chunk] = collections.deque()  # for rows, oldest first
             self.streams = StreamScheduler()
             self.residual_plans: dict[int, _ResidualPlan] = {}  # from first stream to Residual's end
-            self.deferred_releases: dict[int, Callable[[], None]] = {}  # run on the scheduler thread
+            # room -> releases to run on the scheduler thread (SGLang's health checks all share room 0)
+            self.deferred_releases: dict[int, list[Callable[[], None]]] = {}
             # room -> its first token's messages to decode, sent once prefill has answered its request
             self.first_token_messages: dict[int, list[tuple[NetworkAddress, list[bytes]]]] = {}
         else:
@@ -498,7 +499,7 @@ class LynxKVManager(MooncakeKVManager):
     def release_after_residual(self, room, release: Callable[[], None]) -> None:
         """Release a finished request's KV and rows at the end of this scheduler step, or once its
         Residual has gone (scheduler thread)."""
-        self.deferred_releases[room] = release
+        self.deferred_releases.setdefault(room, []).append(release)
 
     def step(self, group) -> None:
         """Prefill, at the end of each scheduler step: the releases whose Residual has gone from every
@@ -507,7 +508,8 @@ class LynxKVManager(MooncakeKVManager):
         rooms = list(self.deferred_releases)
         for room, gone in zip(rooms, ranks.on_every_rank(group, [r not in self.residual_plans for r in rooms])):
             if gone:
-                self.deferred_releases.pop(room)()
+                for release in self.deferred_releases.pop(room):
+                    release()
                 self._free_rows(room)
         if self.waiting_chunks:
             self.start_waiting_chunks()
