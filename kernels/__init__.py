@@ -64,4 +64,3 @@ def _backend(name: str | None, tensor: torch.Tensor):
 
         return triton_kernels
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None (automatic); got {name!r}")
-

@@ -91,6 +91,9 @@ def prefill_holds(n: int):
     return prefill_holds_the_requests
 
 
+_asked: dict[str, list] = {}  # cluster -> its answers to the speculation prompts (ask_all_at_once)
+
+
 def ask_all_at_once(cluster, count: int = len(SPECULATION_PROMPTS)) -> list:
     """The first ``count`` speculation prompts at once, streaming every other one; (answer, send time) each.
     In lynx mode the link carries nothing until prefill holds the KV of every one of them: each Residual
@@ -117,12 +120,20 @@ def ask_all_at_once(cluster, count: int = len(SPECULATION_PROMPTS)) -> list:
     return _asked[name]
 
 
-_asked: dict[str, list] = {}  # cluster -> its answers to the speculation prompts
-
-
 def decode_records(timings) -> dict[str, dict]:
     """The decode worker's timing records (``--lynx-timings-file``), by request id."""
     return {r.get("rid"): r for r in map(json.loads, timings.read_text().splitlines()) if r["role"] == "decode"}
+
+
+def assert_streamed_only_once_verified(asked: list, timings) -> None:
+    """Of ``asked`` ((answer, send time) each), the streamed answers showed nothing after their first token
+    (exact, from prefill) before their request's verification (``residual_applied``)."""
+    decoded = decode_records(timings)
+    streamed = [(answer, sent) for answer, sent in asked if len(answer.chunks) > 1]
+    assert streamed
+    for answer, sent in streamed:
+        verified_at = decoded[answer.id]["residual_applied"]
+        assert all(sent + t >= verified_at for t in answer.chunk_times[1:]), "a token streamed before verification"
 
 
 def single_server_answers(model_path: str, log_dir) -> dict[str, str]:

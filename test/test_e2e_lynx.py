@@ -25,7 +25,7 @@ from sglang_lynx.client import complete
 from sglang_lynx.cluster import ClusterError, settled
 
 from conftest import (CAP, HELD_MBPS, LINK_MBPS, MAX_TOKENS, PROMPTS, SPECULATION_MAX_TOKENS, SPECULATION_PROMPTS,
-                      ask_all_at_once, prefill_holds)
+                      ask_all_at_once, assert_streamed_only_once_verified, prefill_holds)
 
 pytestmark = pytest.mark.e2e
 
@@ -143,11 +143,7 @@ def test_no_client_sees_a_token_before_it_is_verified(lynx_cluster):
     from prefill) nothing reaches the client before its request's verification."""
     mode, _, timings = lynx_cluster
     only(mode, "lynx")
-    streamed = [(answer, sent) for answer, sent in answers["lynx"]["speculation"] if len(answer.chunks) > 1]
-    assert streamed
-    for answer, sent in streamed:
-        verified_at = decode_record(timings, answer.id)["residual_applied"]
-        assert all(sent + t >= verified_at for t in answer.chunk_times[1:]), "a token streamed before verification"
+    assert_streamed_only_once_verified(answers["lynx"]["speculation"], timings)
 
 
 def test_the_first_token_comes_before_the_residual_is_applied(lynx_cluster):

@@ -12,7 +12,7 @@ import requests
 
 from sglang_lynx.cluster import settled
 
-from conftest import SPECULATION_PROMPTS, ask_all_at_once, decode_records
+from conftest import SPECULATION_PROMPTS, ask_all_at_once, assert_streamed_only_once_verified, decode_records
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("lynx_pd", ["int8", "stages"], indirect=True)]
 
@@ -40,12 +40,7 @@ def test_no_client_sees_a_token_before_the_last_stage_has_landed_and_verified_it
     name, _, timings = lynx_cluster
     if name == "int8":
         pytest.skip("applies to the three-stage cluster")
-    decoded = decode_records(timings)
-    streamed = [(answer, sent) for answer, sent in answers["stages"] if len(answer.chunks) > 1]
-    assert streamed
-    for answer, sent in streamed:
-        verified_at = decoded[answer.id]["residual_applied"]
-        assert all(sent + t >= verified_at for t in answer.chunk_times[1:]), "a token streamed before verification"
+    assert_streamed_only_once_verified(answers["stages"], timings)
 
 
 def test_re_drafts_are_counted_in_server_info_and_prometheus_and_nothing_is_left_held(lynx_cluster):

@@ -216,8 +216,10 @@ class StagingRows:
     def _residual(self, stages: list[torch.Tensor]) -> Optional[torch.Tensor]:
         """The rows' Residual [rows, residual bytes of a page] from the stages landed (each [rows, its
         bytes]): None with none, the stage itself when it is the only one, else merged."""
-        if not stages or len(self.residual_plan) == 1:
-            return stages[0] if stages else None
+        if not stages:
+            return None
+        if len(self.residual_plan) == 1:
+            return stages[0]
         pages = stages[0].shape[0]
         return self.codec.merge_residual(stages, pages * self.page_size, self.residual_plan).view(pages, -1)
 
